@@ -1,0 +1,161 @@
+"""Run configuration: YAML files in ``configs/``, validated with pydantic, overridable per key.
+
+Every section forbids unknown keys and checks ranges, so a typo (``loss.lambda_gard``) or an
+impossible value (``optim.lr: -1``) stops the run before any data is read, with the dotted
+path of the offending key. Any key can be overridden on the command line as
+``section.key=value`` (the value is parsed as YAML: ``train.epochs=3``,
+``optim.milestones=[50,55]``, ``model.pretrained=null``).
+
+Relative paths are taken relative to the working directory (run from the repository root).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.data.transforms import Preprocessing
+from training.losses import LossMode
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = "resnet20"
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="constructor options other than num_classes")
+    pretrained: str | None = Field(None, description="weights to fine-tune from (local file)")
+
+
+class DataConfig(_Section):
+    train: str = Field(..., description="labelled ID training source (see training.data.sources)")
+    aux: str | None = Field(None, description="auxiliary outlier source (unlabelled)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0,
+                                description="share of each class held out for calibration")
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    augment: Literal["cifar", "imagenet", "none"] = "cifar"
+    num_workers: int = Field(2, ge=0, le=64)
+    cache_dir: str | None = Field(None, description="extraction cache; default ~/.cache/oodserve")
+
+
+class LossConfig(_Section):
+    mode: LossMode = "greg+"
+    lambda_energy: float = Field(0.1, ge=0.0)
+    lambda_grad: float = Field(1.0, ge=0.0)
+    m_in: float = -25.0
+    m_out: float = -7.0
+    grad_scaling: Literal["paper", "reference"] = "paper"
+    grad_bn: Literal["shared", "eval"] = "shared"
+
+    @model_validator(mode="after")
+    def _margins(self) -> "LossConfig":
+        if self.m_in >= self.m_out:
+            raise ValueError(f"m_in ({self.m_in}) must be below m_out ({self.m_out}): "
+                             "ID energies are pushed below m_in, outliers above m_out")
+        return self
+
+
+class SamplerConfig(_Section):
+    """GReg+ only. ``pool_size`` candidates are scored per step; see outlier_sampling."""
+
+    pool_size: int = Field(384, ge=1)
+    num_clusters: int | None = Field(None, ge=1, description="default: the ID batch size")
+    two_way: bool = True
+    kmeans_iters: int = Field(10, ge=0, le=1000)
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    min_lr_ratio: float = Field(1e-3, ge=0.0, le=1.0, description="cosine floor, times lr")
+    milestones: list[int] = Field(default_factory=list, description="multistep epochs")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536, description="ID images per step per process")
+    aux_batch_size: int | None = Field(None, ge=1,
+                                       description="outliers per step; default 2 x batch_size")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class RunConfig(_Section):
+    run_dir: str
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.loss.mode != "ce" and not self.data.aux:
+            raise ValueError(f"loss.mode {self.loss.mode!r} needs auxiliary outliers: set data.aux")
+        if self.loss.mode == "greg+" and self.sampler.pool_size < self.outliers_per_step:
+            raise ValueError(f"sampler.pool_size ({self.sampler.pool_size}) must be at least the "
+                             f"{self.outliers_per_step} outliers picked per step")
+        return self
+
+    @property
+    def outliers_per_step(self) -> int:
+        return self.train.aux_batch_size or 2 * self.train.batch_size
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with every offending key in the message."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` override applied."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"invalid config {path or ''}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,10 @@
+"""Model registry: build any supported classifier from a name and its options.
+
+All models are :class:`~training.models.base.TappedClassifier` s, so training, block
+selection, evaluation and the service tap blocks the same way whatever the architecture.
+"""
+
+from training.models.base import Features, TappedClassifier
+from training.models.registry import MODEL_NAMES, build_model, load_weights
+
+__all__ = ["Features", "TappedClassifier", "MODEL_NAMES", "build_model", "load_weights"]
