@@ -162,6 +162,8 @@ class Trainer:
     def __init__(self, prep: Prepared):
         self.p, self.cfg, self.rt = prep, prep.cfg, prep.runtime
         self.run_dir = Path(self.cfg.run_dir)
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = prep.model
         self.net: torch.nn.Module = self.model
         if self.rt.distributed:
@@ -272,7 +274,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": float(terms.total), "ce": float(terms.ce), "energy": float(terms.energy),
+        return {"loss": float(terms.total.detach()), "ce": float(terms.ce), "energy": float(terms.energy),
                 "grad": float(terms.grad), "in_ok": terms.correct_in, "out_ok": terms.correct_out,
                 "images": x_in.shape[0] + (0 if x_out is None else x_out.shape[0])}
 
@@ -383,11 +385,9 @@ def train(cfg: RunConfig, restart: bool = False) -> Path:
     trainer = Trainer(prep)
     try:
         run_dir = Path(cfg.run_dir)
-        if trainer.rt.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if restart:
-                for name in ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "run.json"):
-                    (run_dir / name).unlink(missing_ok=True)
+        if trainer.rt.is_main and restart:
+            for name in ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "run.json"):
+                (run_dir / name).unlink(missing_ok=True)
         trainer.rt.barrier()
         if trainer.try_resume() and trainer.rt.is_main:
             tqdm.write(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step}")

@@ -1,0 +1,1 @@
+"""Datasets, archives and transforms for training and evaluation."""
