@@ -17,3 +17,14 @@ def cache_dir(tmp_path_factory) -> Path:
     import os
 
     return Path(os.environ.get("OODSERVE_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def digest(tensors) -> str:
+    """sha256 over named tensors, to compare weights bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(tensors):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

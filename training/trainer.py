@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -397,11 +396,3 @@ def train(cfg: RunConfig, restart: bool = False) -> Path:
         shutdown(trainer.rt)
     return run_dir
 
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over the model's tensors, for comparing replicas and resumed runs."""
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(value.detach().cpu().numpy()).tobytes())
-    return digest.hexdigest()
