@@ -173,3 +173,25 @@ def test_empty_folder_and_unreadable_image_are_named(tmp_path, tiny_data, capsys
                          f"data.cache_dir={tiny_data['cache']}", f"data.train={source}"])
         assert code == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_reports_accuracy_and_detection_metrics(tmp_path, tiny_data, capsys):
+    import json
+
+    cfg = write_config(tmp_path, tiny_data)
+    out = tmp_path / "report.json"
+    code = cli_main(["evaluate", "--config", str(cfg), f"data.cache_dir={tiny_data['cache']}",
+                     "--weights", str(RESNET20), "--id", str(tiny_data["id"]),
+                     "--ood", "noise=synthetic:uniform:64", "--ood", f"tin={tiny_data['aux']}",
+                     "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert 0.6 < report["id_accuracy"] <= 1.0  # pretrained ResNet-20 on real CIFAR images
+    for name in ("noise", "tin"):
+        for detector in ("msp", "max_logit", "energy"):
+            m = report["ood"][name][detector]
+            assert set(m) == {"fpr95", "fpr95_ood_positive", "auroc", "aupr_in", "aupr_out"}
+            assert 0.0 <= m["fpr95"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0
+    code = cli_main(["evaluate", "--config", str(cfg), "--weights", str(RESNET20),
+                     "--id", str(tiny_data["id"]), "--ood", "broken"])
+    assert code == 2 and "NAME=SOURCE" in capsys.readouterr().err

@@ -64,7 +64,7 @@ class LossConfig(_Section):
 class SamplerConfig(_Section):
     """GReg+ only. ``pool_size`` candidates are scored per step; see outlier_sampling."""
 
-    pool_size: int = Field(384, ge=1)
+    pool_size: int = Field(192, ge=1)
     num_clusters: int | None = Field(None, ge=1, description="default: the ID batch size")
     two_way: bool = True
     kmeans_iters: int = Field(10, ge=0, le=1000)

@@ -79,7 +79,20 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class CifarResNet(TappedClassifier):
+class _CifarStem(TappedClassifier):
+    """Shared ends of both families: conv-BN-ReLU stem, global pooling, ``linear`` head."""
+
+    def stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def pool(self, x):
+        return global_avg_pool(x)
+
+    def classify(self, h):
+        return self.linear(h)
+
+
+class CifarResNet(_CifarStem):
     """He et al.'s CIFAR ResNet of depth 6n+2 (ResNet-20: n=3, ResNet-56: n=9)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10):
@@ -94,17 +107,8 @@ class CifarResNet(TappedClassifier):
         _init_weights(self)
         self.register_blocks(names)
 
-    def stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)))
 
-    def pool(self, x):
-        return global_avg_pool(x)
-
-    def classify(self, h):
-        return self.linear(h)
-
-
-class CifarResNet18(TappedClassifier):
+class CifarResNet18(_CifarStem):
     """ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs."""
 
     def __init__(self, num_classes: int = 10):
@@ -115,12 +119,3 @@ class CifarResNet18(TappedClassifier):
         self.linear = nn.Linear(512, num_classes)
         _init_weights(self)
         self.register_blocks(names)
-
-    def stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)))
-
-    def pool(self, x):
-        return global_avg_pool(x)
-
-    def classify(self, h):
-        return self.linear(h)
