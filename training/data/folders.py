@@ -80,26 +80,20 @@ def verify_images(paths: Sequence[Path], cache_dir: str | Path | None = None) ->
     stamp.write_text(json.dumps({"images": len(paths)}))
 
 
-class LabeledImageFolder(Dataset):
-    """``root/<class>/**/<image>``; classes in sorted folder order (torchvision's convention)."""
+class _ImageFolder(Dataset):
+    """Shared part of both folders: ``samples`` of ``(path, label)``, checked, then served."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None,
                  cache_dir: str | Path | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise ValueError(f"dataset folder {self.root} has no class subfolders")
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            files = list_images(self.root / name)
-            if not files:
-                raise ValueError(f"class folder {self.root / name} holds no images")
-            self.samples += [(f, label) for f in files]
+        self.samples: list[tuple[Path, int]] = self.find_samples()
         verify_images([p for p, _ in self.samples], cache_dir)
-        self.targets = [label for _, label in self.samples]
         self.transform = transform
+
+    def find_samples(self) -> list[tuple[Path, int]]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -110,23 +104,32 @@ class LabeledImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-class UnlabeledImageFolder(Dataset):
-    """Every image under ``root`` at any depth, with label -1 (outliers, OOD test sets)."""
+class LabeledImageFolder(_ImageFolder):
+    """``root/<class>/**/<image>``; classes in sorted folder order (torchvision's convention)."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None,
                  cache_dir: str | Path | None = None):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        self.samples = list_images(self.root)
-        if not self.samples:
+        super().__init__(root, transform, cache_dir)
+        self.targets = [label for _, label in self.samples]
+
+    def find_samples(self) -> list[tuple[Path, int]]:
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise ValueError(f"dataset folder {self.root} has no class subfolders")
+        samples = []
+        for label, name in enumerate(self.classes):
+            files = list_images(self.root / name)
+            if not files:
+                raise ValueError(f"class folder {self.root / name} holds no images")
+            samples += [(f, label) for f in files]
+        return samples
+
+
+class UnlabeledImageFolder(_ImageFolder):
+    """Every image under ``root`` at any depth, with label -1 (outliers, OOD test sets)."""
+
+    def find_samples(self) -> list[tuple[Path, int]]:
+        files = list_images(self.root)
+        if not files:
             raise ValueError(f"dataset folder {self.root} holds no images")
-        verify_images(self.samples, cache_dir)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        image = read_image(self.samples[index])
-        return (self.transform(image) if self.transform else image), -1
+        return [(f, -1) for f in files]
