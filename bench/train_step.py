@@ -26,7 +26,7 @@ def time_mode(config: str, mode: str, steps: int, overrides: list[str]) -> tuple
     cfg = load_config(config, [f"loss.mode={mode}", "run_dir=/tmp/oodserve-bench",
                                "data.num_workers=0", *overrides])
     trainer = Trainer(prepare(cfg))
-    id_batch, aux_batch = next(trainer._batches())
+    id_batch, aux_batch = next(trainer.batches())
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()

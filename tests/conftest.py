@@ -1,5 +1,7 @@
 """Shared fixtures: paths to the real data and weights beside the repository."""
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +16,11 @@ RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Extraction cache for the tests; reuses OODSERVE_CACHE when set to save time."""
-    import os
-
     return Path(os.environ.get("OODSERVE_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
 def digest(tensors) -> str:
     """sha256 over named tensors, to compare weights bit for bit."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, value in sorted(tensors):
         h.update(name.encode())

@@ -55,7 +55,7 @@ def test_a_few_greg_plus_steps_lower_the_loss(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run", "optim.lr=0.01", "optim.schedule=constant",
                       "train.epochs=4", "train.max_steps_per_epoch=5")
     trainer = Trainer(prepare(cfg))
-    id_batch, aux_batch = next(trainer._batches())
+    id_batch, aux_batch = next(trainer.batches())
 
     def loss_on_fixed_batch() -> float:
         x_in, y = id_batch
@@ -109,7 +109,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> No
 
     cfg = RunConfig.model_validate_json(cfg_json)
     trainer = Trainer(prepare(cfg))
-    first_batch = next(trainer._batches())[0][1].tolist()
+    first_batch = next(trainer.batches())[0][1].tolist()
     trainer.run(stop_after_steps=3)
     # Parameters, not buffers: BatchNorm running statistics are per process until DDP
     # broadcasts rank 0's at the next forward pass.

@@ -241,7 +241,8 @@ class Trainer:
                           persistent_workers=False, generator=torch.Generator(),
                           prefetch_factor=4 if workers else None)
 
-    def _batches(self):
+    def batches(self):
+        """This rank's (ID batch, outlier batch or None) pairs from the current position."""
         id_loader = self._loader(self.p.train_set, self.cfg.train.batch_size, ID_STREAM, False)
         if self.p.aux_set is None:
             for batch in id_loader:
@@ -320,7 +321,7 @@ class Trainer:
             count, images, started = 0, 0, time.perf_counter()
             bar = tqdm(total=spe, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.rt.is_main, dynamic_ncols=True, unit="step")
-            for id_batch, aux_batch in self._batches():
+            for id_batch, aux_batch in self.batches():
                 stats = self.train_step(id_batch, aux_batch)
                 self.step += 1
                 done_here += 1
