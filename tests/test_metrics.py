@@ -139,3 +139,20 @@ def test_invalid_input(bad, message, which):
     args = (bad, good) if which == "id_scores" else (good, bad)
     with pytest.raises(ValueError, match=f"{which}.*{message}"):
         ood_metrics(*args, higher_is_id=True)
+
+
+def test_roc_curve_matches_sklearn_and_is_thinned():
+    from sklearn.metrics import roc_curve as sk_roc
+
+    from training.metrics import roc_curve
+
+    rng = np.random.default_rng(5)
+    id_s, ood_s = rng.normal(1, 1, 300).round(1), rng.normal(0, 1, 200).round(1)  # many ties
+    fpr, tpr = roc_curve(-id_s, -ood_s, higher_is_id=False)  # energy-like direction
+    y = np.r_[np.ones(300), np.zeros(200)]
+    sk_fpr, sk_tpr, _ = sk_roc(y, np.r_[id_s, ood_s], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    fpr, tpr = roc_curve(rng.normal(size=5000), rng.normal(size=5000), True, max_points=50)
+    assert 40 <= fpr.size <= 50 and (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)

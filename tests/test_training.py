@@ -13,42 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from training.cli import main as cli_main
-from training.config import ConfigError, load_config
-from training.data.archives import extract_archive
+from training.config import ConfigError
 from training.trainer import Trainer, prepare
 
-from conftest import CIFAR10, RESNET20, TINY_AUX, digest
-
-PER_CLASS, AUX_IMAGES = 12, 48
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, cache_dir) -> dict[str, Path]:
-    """A few real CIFAR-10 training images per class and real Tiny ImageNet outliers."""
-    root = tmp_path_factory.mktemp("tiny")
-    cifar = extract_archive(CIFAR10, cache_dir) / "cifar10" / "train"
-    for class_dir in sorted(cifar.iterdir()):
-        dest = root / "id" / class_dir.name
-        dest.mkdir(parents=True)
-        for f in sorted(class_dir.iterdir())[:PER_CLASS]:
-            shutil.copy(f, dest / f.name)
-    aux = extract_archive(TINY_AUX, cache_dir) / "tinyimagenet-aux"
-    (root / "aux").mkdir()
-    for f in sorted(aux.rglob("*.jpg"))[:AUX_IMAGES]:
-        shutil.copy(f, root / "aux" / f.name)
-    return {"id": root / "id", "aux": root / "aux", "cache": Path(cache_dir)}
-
-
-def tiny_config(tiny_data, run_dir: Path, *extra: str):
-    overrides = [
-        f"run_dir={run_dir}", f"data.train={tiny_data['id']}", f"data.aux={tiny_data['aux']}",
-        f"data.cache_dir={tiny_data['cache']}", "data.num_workers=0", "data.val_fraction=0.2",
-        f"model.pretrained={RESNET20}", "train.batch_size=8", "train.aux_batch_size=16",
-        "sampler.pool_size=32", "sampler.num_clusters=8", "train.device=cpu",
-        "loss.m_in=-12", "loss.m_out=-8", *extra,
-    ]
-    return load_config("configs/cifar10_resnet20_gregplus.yaml", overrides)
-
+from conftest import RESNET20, digest, tiny_config
 
 def test_a_few_greg_plus_steps_lower_the_loss(tiny_data, tmp_path):
     torch.manual_seed(0)
@@ -179,16 +147,20 @@ def test_evaluate_reports_accuracy_and_detection_metrics(tmp_path, tiny_data, ca
     import json
 
     cfg = write_config(tmp_path, tiny_data)
-    out = tmp_path / "report.json"
+    out = tmp_path / "report"
     code = cli_main(["evaluate", "--config", str(cfg), f"data.cache_dir={tiny_data['cache']}",
-                     "--weights", str(RESNET20), "--id", str(tiny_data["id"]),
-                     "--ood", "noise=synthetic:uniform:64", "--ood", f"tin={tiny_data['aux']}",
-                     "--out", str(out)])
+                     f"data.train={tiny_data['id']}", "--weights", str(RESNET20),
+                     "--id", str(tiny_data["id"]), "--ood", "noise=synthetic:uniform:64",
+                     "--ood", f"tin={tiny_data['aux']}", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    report = json.loads(out.read_text())
+    report = json.loads((out / "report.json").read_text())
     assert 0.6 < report["id_accuracy"] <= 1.0  # pretrained ResNet-20 on real CIFAR images
+    assert report["selected_block"] == max(report["norm_ratios"], key=report["norm_ratios"].get)
+    assert "| featurenorm (layer3.2, last) |" in (out / "report.md").read_text()
+    assert {"plots/roc_noise.svg", "plots/hist_energy.svg", "plots/blocks.svg"} <= {
+        str(p.relative_to(out)) for p in out.rglob("*.svg")}
     for name in ("noise", "tin"):
-        for detector in ("msp", "max_logit", "energy"):
+        for detector in ("msp", "max_logit", "energy", "featurenorm", "featurenorm_last"):
             m = report["ood"][name][detector]
             assert set(m) == {"fpr95", "fpr95_ood_positive", "auroc", "aupr_in", "aupr_out"}
             assert 0.0 <= m["fpr95"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0

@@ -3,9 +3,13 @@
 Commands:
 
 * ``train --config FILE [section.key=value ...] [--restart]``: train or resume a run.
-* ``evaluate --config FILE [--weights FILE] --id SOURCE --ood NAME=SOURCE ...``: ID accuracy
-  and OOD detection metrics (FPR95, AUROC, AUPR-In/Out, ID positive) of MSP, MaxLogit and
-  energy for weights built as the config describes.
+* ``build --config FILE [overrides]``: train (or resume), then ``export``.
+* ``export --config FILE [overrides]``: from a finished run, select the FeatureNorm block,
+  calibrate thresholds, evaluate and write the bundle (:mod:`training.pipeline`).
+* ``evaluate --bundle DIR | --config FILE [--weights FILE]  [--id SOURCE] --ood NAME=SOURCE
+  ... [--out DIR]``: ID accuracy and OOD metrics (FPR95, AUROC, AUPR-In/Out, ID positive) of
+  MSP, MaxLogit, energy and FeatureNorm (selected and last block), as a Markdown table, and
+  with ``--out`` also ``report.json`` and SVG plots.
 
 Expected problems (bad config, missing data, unreadable image, wrong checkpoint) end with
 ``error: <message>`` and exit status 2, without a traceback.
@@ -19,9 +23,6 @@ import sys
 from pathlib import Path
 
 from training.config import ConfigError, load_config
-
-DETECTORS = ("msp", "max_logit", "energy")
-
 
 def _parse_named(items: list[str]) -> dict[str, str]:
     named = {}
@@ -42,45 +43,88 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from training.data.sources import open_dataset
-    from training.evaluation import score_dataset
-    from training.metrics import ood_metrics
-    from training.models import build_model, load_weights
-    from training.runtime import select_device
-    from training.scores import HIGHER_IS_ID
+def cmd_build(args: argparse.Namespace) -> int:
+    from training.pipeline import command_line, export_run
+    from training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    train(cfg, restart=args.restart)
+    out = export_run(cfg, command_line(["build", "--config", args.config, *args.overrides]))
+    print(f"bundle: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.pipeline import command_line, export_run
+
+    cfg = load_config(args.config, args.overrides)
+    out = export_run(cfg, command_line(["build", "--config", args.config, *args.overrides]))
+    print(f"bundle: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from training.data.sources import open_dataset
+    from training.report import evaluate_model, figures, markdown
+    from training.runtime import select_device
+
+    if bool(args.bundle) == bool(args.config):
+        raise ConfigError("give either --bundle DIR or --config FILE")
     ood_sources = _parse_named(args.ood)
-    weights = Path(args.weights or Path(cfg.run_dir) / "model.safetensors")
-    tf = cfg.data.preprocessing.eval_transform()
-    size = cfg.data.preprocessing.input_size
-    id_set = open_dataset(args.id, labeled=True, transform=tf, cache_dir=cfg.data.cache_dir)
-    ood_sets = {name: open_dataset(src, labeled=False, transform=tf, image_size=size,
-                                   cache_dir=cfg.data.cache_dir)
-                for name, src in ood_sources.items()}
-    model = build_model(cfg.model.name, num_classes=len(id_set.classes), **cfg.model.options)
-    load_weights(model, weights)
-    device = select_device(cfg.train.device)
-    model.to(device)
-    torch.set_grad_enabled(False)
-    kw = dict(batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers)
-    id_scores = score_dataset(model, id_set, device, **kw)
-    report = {"weights": str(weights), "id": args.id,
-              "id_accuracy": float((id_scores["pred"] == id_scores["label"]).mean()),
-              "ood": {}}
-    for name, dataset in ood_sets.items():
-        ood_scores = score_dataset(model, dataset, device, **kw)
-        report["ood"][name] = {
-            det: ood_metrics(id_scores[det], ood_scores[det], HIGHER_IS_ID[det])
-            for det in DETECTORS
-        }
-    text = json.dumps(report, indent=1)
+    if not ood_sources:
+        raise ConfigError("give at least one --ood NAME=SOURCE")
+    device = select_device(args.device)
+    kw: dict = {}
+    if args.bundle:
+        from training.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle)
+        m = bundle.manifest
+        model, pre, cache, name = bundle.model, m.preprocessing, None, m.name
+        id_source = args.id or m.evaluation.get("id_test")
+        kw = {"selected_block": m.featurenorm.selected_block, "ratios": m.featurenorm.norm_ratios}
+        classes = m.classes
+    else:
+        from training.data.sampling import stratified_split
+        from training.models import build_model, load_weights
+
+        cfg = load_config(args.config, args.overrides)
+        pre, cache = cfg.data.preprocessing, cfg.data.cache_dir
+        weights = Path(args.weights or Path(cfg.run_dir) / "model.safetensors")
+        name, id_source = str(weights), args.id
+        train_set = open_dataset(cfg.data.train, labeled=True, transform=pre.eval_transform(),
+                                 cache_dir=cache)
+        classes = list(train_set.classes)
+        model = build_model(cfg.model.name, **{"num_classes": len(classes), **cfg.model.options})
+        load_weights(model, weights)
+        train_idx, _ = stratified_split(train_set.targets, cfg.data.val_fraction, cfg.seed)
+        limit = cfg.evaluation.selection_images
+        kw = {"selection_set": Subset(train_set, train_idx[:limit] if limit else train_idx),
+              "seed": cfg.seed}
+    if not id_source:
+        raise ConfigError("give the labelled ID test set with --id SOURCE")
+    tf = pre.eval_transform()
+    id_set = open_dataset(id_source, labeled=True, transform=tf, cache_dir=cache)
+    if list(id_set.classes) != list(classes):
+        raise ConfigError(f"{id_source} has classes {list(id_set.classes)}, the model {classes}")
+    ood_sets = {n: open_dataset(src, labeled=False, transform=tf, image_size=pre.input_size,
+                                cache_dir=cache) for n, src in ood_sources.items()}
+    result = evaluate_model(name, model.to(device).eval(), id_test=id_set, ood_sets=ood_sets,
+                            device=device, batch_size=args.batch_size, **kw)
+    report = {"model": name, "id": id_source, **result.to_json()}
+    md = markdown([result], f"Evaluation of {name}",
+                  [f"ID: `{id_source}`; OOD: " + ", ".join(f"{n} `{s}`" for n, s in
+                                                           ood_sources.items())])
     if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        out = Path(args.out)
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "report.md").write_text(md)
+        for rel, text in figures(result, next(iter(ood_sets))).items():
+            (out / rel).write_text(text)
+    print(md)
     return 0
 
 
@@ -95,14 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy and OOD metrics of trained weights")
-    p.add_argument("--config", required=True, help="the run's config (model, preprocessing)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--weights", help="weights file; default RUN_DIR/model.safetensors")
-    p.add_argument("--id", required=True, help="labelled ID test source")
+    for cmd, func, text in (("build", cmd_build, "train, then select, evaluate, calibrate "
+                             "and export a bundle"),
+                            ("export", cmd_export, "select, evaluate, calibrate and export a "
+                             "bundle from a finished run")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--config", required=True, help="YAML file, e.g. configs/...yaml")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if cmd == "build":
+            p.add_argument("--restart", action="store_true", help="discard a checkpoint")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("evaluate", help="accuracy and OOD metrics of a bundle or weights")
+    p.add_argument("--bundle", help="a bundle directory (its model, block and preprocessing)")
+    p.add_argument("--config", help="or: a run's config (model, preprocessing, training images)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (with --config)")
+    p.add_argument("--weights", help="with --config: weights; default RUN_DIR/model.safetensors")
+    p.add_argument("--id", help="labelled ID test source (default: the bundle's test set)")
     p.add_argument("--ood", action="append", default=[], metavar="NAME=SOURCE",
-                   help="an OOD test set (repeatable)")
-    p.add_argument("--out", help="also write the JSON report here")
+                   help="an OOD test set: folder, archive or synthetic:KIND (repeatable)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", help="directory for report.json, report.md and plots/")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -111,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, BundleError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

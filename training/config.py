@@ -94,6 +94,33 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(256, ge=1)
 
 
+class EvaluationConfig(_Section):
+    """What the bundle step measures: block selection, calibration and the test report."""
+
+    id_test: str | None = Field(None, description="labelled ID test source for the report")
+    ood: dict[str, str] = Field(default_factory=dict, description="name -> OOD test source")
+    profile_ood: str | None = Field(
+        None, description="OOD set (a key of ood) for the per-block AUROC plot; default first")
+    baselines: dict[str, str] = Field(
+        default_factory=dict, description="name -> weights file evaluated beside the result")
+    tpr: float = Field(0.95, gt=0.0, le=1.0, description="ID TPR the thresholds keep")
+    selection_images: int | None = Field(
+        None, ge=1, description="cap on ID training images for NormRatio; default all")
+
+    @model_validator(mode="after")
+    def _profile(self) -> EvaluationConfig:
+        if self.profile_ood is not None and self.profile_ood not in self.ood:
+            raise ValueError(f"profile_ood {self.profile_ood!r} is not one of ood: {list(self.ood)}")
+        return self
+
+
+class ExportConfig(_Section):
+    dir: str | None = Field(None, description="bundle directory; default RUN_DIR/bundle")
+    name: str | None = Field(None, description="model name; default the run directory's name")
+    version: str = "1.0.0"
+    notice: str | None = Field(None, description="licence notice file copied into the bundle")
+
+
 class RunConfig(_Section):
     run_dir: str
     seed: int = 0
@@ -103,6 +130,8 @@ class RunConfig(_Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -102,3 +102,23 @@ def ood_metrics(id_scores, ood_scores, higher_is_id: bool) -> dict[str, float]:
         "aupr_in": _average_precision(id_counts, ood_counts),
         "aupr_out": _average_precision(ood_up, id_up),
     }
+
+
+def roc_curve(id_scores, ood_scores, higher_is_id: bool,
+              max_points: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) points of the ROC, ID positive, from (0, 0) to (1, 1), for plotting.
+
+    Long curves are thinned to about ``max_points`` points spread evenly over the thresholds;
+    the ends are always kept.
+    """
+    id_conf = _as_scores(id_scores, "id_scores")
+    ood_conf = _as_scores(ood_scores, "ood_scores")
+    if not higher_is_id:
+        id_conf, ood_conf = -id_conf, -ood_conf
+    id_counts, ood_counts = _counts_per_threshold(id_conf, ood_conf)
+    tpr = np.concatenate([[0.0], np.cumsum(id_counts) / id_counts.sum()])
+    fpr = np.concatenate([[0.0], np.cumsum(ood_counts) / ood_counts.sum()])
+    if tpr.size > max_points:
+        keep = np.unique(np.linspace(0, tpr.size - 1, max_points).round().astype(int))
+        tpr, fpr = tpr[keep], fpr[keep]
+    return fpr, tpr

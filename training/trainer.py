@@ -18,7 +18,6 @@ checked in :func:`prepare` before the first step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from training.config import ConfigError, RunConfig
+from training.data.archives import file_sha256
 from training.data.sampling import SeededItems, StepBatches, mix_seed, stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
@@ -44,10 +44,14 @@ from training.models import TappedClassifier, build_model, load_weights
 from training.outlier_sampling import EnergyClusterSampler
 from training.runtime import Runtime, init_runtime, shutdown
 
-# Config keys that may change between a run and its resumption: they do not alter the
-# trajectory of the weights.
-RESUMABLE_CHANGES = {"data.num_workers", "data.cache_dir", "train.checkpoint_every",
-                     "train.eval_batch_size"}
+# Config keys (or sections, ending in ".") that may change between a run and its
+# resumption: they do not alter the trajectory of the weights.
+RESUMABLE_CHANGES = ("data.num_workers", "data.cache_dir", "train.checkpoint_every",
+                     "train.eval_batch_size", "evaluation.", "export.")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
 # Streams of the seed mixer, so that no two random sources share draws.
 ID_STREAM, AUX_STREAM, SAMPLER_STREAM, PROBE_STREAM = 1, 2, 3, 4
 AUX_PROBE_SIZE = 2000
@@ -77,14 +81,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
@@ -215,7 +211,7 @@ class Trainer:
         state = torch.load(self.checkpoint_path, map_location=self.rt.device, weights_only=True)
         old, new = _flatten(state["config"]), _flatten(self.cfg.model_dump(mode="json"))
         changed = sorted(k for k in set(old) | set(new)
-                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+                         if old.get(k) != new.get(k) and not _resumable(k))
         if changed:
             raise ConfigError(
                 f"{self.checkpoint_path} was written with another config "
@@ -274,9 +270,17 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": float(terms.total.detach()), "ce": float(terms.ce), "energy": float(terms.energy),
-                "grad": float(terms.grad), "in_ok": terms.correct_in, "out_ok": terms.correct_out,
-                "images": x_in.shape[0] + (0 if x_out is None else x_out.shape[0])}
+        # Only the terms the mode has: a plain classifier logs no energy terms (and no NaN
+        # "correct side" shares, which JSON cannot carry).
+        stats = {"loss": float(terms.total.detach()), "ce": float(terms.ce)}
+        mode = self.cfg.loss.mode
+        if mode != "ce":
+            stats.update(energy=float(terms.energy), in_ok=terms.correct_in,
+                         out_ok=terms.correct_out)
+        if mode in ("greg", "greg+"):
+            stats["grad"] = float(terms.grad)
+        stats["images"] = x_in.shape[0] + (0 if x_out is None else x_out.shape[0])
+        return stats
 
     def validate(self) -> dict[str, float]:
         """ID accuracy and energy on the held-out split; energy AUROC/FPR95 vs. a fixed

@@ -60,3 +60,12 @@ def extract_archive(archive: str | Path, cache_dir: str | Path | None = None) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: data provenance and bundle weight checksums."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

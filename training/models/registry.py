@@ -96,12 +96,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model``, failing with a message that names the mismatch.
+    """Load the weights file ``path`` into ``model`` (see :func:`load_state`)."""
+    load_state(model, read_state_dict(path), source=str(path))
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, failing with a message that names the mismatch.
 
     A checkpoint of another architecture (missing or extra parameters, or shapes that differ,
     e.g. another number of classes) is refused as a whole; nothing is partially loaded.
+    ``source`` names the origin of ``state`` in that message.
     """
-    state = read_state_dict(path)
+    state = dict(state)
     own = model.state_dict()
     # Weights saved before PyTorch 0.4.1 have no BatchNorm step counters; they are unused
     # with the default momentum, so the model's own (zero) counters stand in for them.
@@ -124,7 +130,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         if mismatched:
             parts.append(f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})")
         raise ValueError(
-            f"{path} does not fit {type(model).__name__}: parameters "
+            f"{source} does not fit {type(model).__name__}: parameters "
             + "; ".join(parts)
             + ". Is it a checkpoint of another architecture or number of classes?"
         )

@@ -1,0 +1,222 @@
+"""Calibration, the bundle format and its loader, and the config-to-bundle pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training.bundle import BundleError, export_bundle, load_bundle
+from training.calibration import (calibrate, calibrate_score, is_ood, quantile_table,
+                                  threshold_for_tpr)
+from training.cli import main as cli_main
+from training.data.archives import file_sha256
+from training.evaluation import score_batch, score_dataset
+from training.models import build_model, load_weights
+from training.pipeline import export_run
+from training.trainer import train
+
+from conftest import RESNET20, SHARED, make_bundle, tiny_config
+
+NOTICE = SHARED / "checkpoints" / "LICENSE-akamaster-pytorch_resnet_cifar10"
+
+# ---------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("higher_is_id", [True, False])
+@pytest.mark.parametrize("tpr", [0.5, 0.9, 0.95, 0.99])
+def test_threshold_keeps_the_requested_share_of_id_scores(higher_is_id, tpr):
+    scores = np.random.default_rng(0).normal(size=20_000)
+    thr = calibrate(scores, higher_is_id, tpr)
+    kept = 1 - is_ood(scores, thr, higher_is_id).mean()
+    assert kept == pytest.approx(tpr, abs=1e-3)
+    assert is_ood(np.array([thr]), thr, higher_is_id)[0] == False  # noqa: E712 - tie is ID
+
+
+def test_quantile_table_gives_the_same_thresholds_at_grid_points_and_close_between():
+    scores = np.random.default_rng(1).gamma(2.0, size=5000)
+    for higher in (True, False):
+        table = quantile_table(scores, higher)
+        for tpr in (0.8, 0.9, 0.95, 0.999):
+            assert threshold_for_tpr(table, tpr) == pytest.approx(calibrate(scores, higher, tpr),
+                                                                  rel=1e-9)
+        spacing = np.diff(np.sort(scores)).max()
+        assert abs(threshold_for_tpr(table, 0.9123) - calibrate(scores, higher, 0.9123)) < spacing
+        # a higher TPR accepts more: the threshold moves towards the OOD side
+        a, b = threshold_for_tpr(table, 0.9), threshold_for_tpr(table, 0.99)
+        assert (b < a) if higher else (b > a)
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="tpr"):
+            threshold_for_tpr(table, bad)
+    with pytest.raises(ValueError, match="finite"):
+        quantile_table(np.array([1.0, np.inf]), True)
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def test_a_loaded_bundle_scores_exactly_like_the_exported_model(tiny_bundle, tmp_path):
+    bundle = load_bundle(tiny_bundle)
+    m = bundle.manifest
+    assert m.format_version == 1 and m.featurenorm.selected_block == "layer2.2"
+    assert m.weights.sha256 == file_sha256(tiny_bundle / "model.safetensors")
+    assert not bundle.model.training
+    # the same construction, not loaded from disk
+    torch.manual_seed(0)
+    original = build_model("resnet20", num_classes=10).eval()
+    images = torch.rand(8, 3, 32, 32)
+    a = score_batch(original, images, m.taps)
+    b = score_batch(bundle.model, images, m.taps)
+    for key in ("logits", "energy", "featurenorm/layer2.2", "featurenorm/layer3.2"):
+        assert torch.equal(a[key], b[key]), key
+    thr = m.calibration["energy"].threshold
+    assert threshold_for_tpr(m.calibration["energy"].quantiles, 0.95) == pytest.approx(thr)
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _reweigh(path, state):
+    save_file(state, str(path / "model.safetensors"))
+    _edit_manifest(path, lambda m: m["weights"].update(sha256=file_sha256(path / "model.safetensors")))
+
+
+def _resnet56_state():
+    return {k: v.contiguous() for k, v in build_model("resnet56").state_dict().items()}
+
+
+BAD_BUNDLES = [
+    ("no manifest", lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
+    ("not json", lambda p: (p / "manifest.json").write_text("{oops"), "not valid JSON"),
+    ("future version", lambda p: _edit_manifest(p, lambda m: m.update(format_version=2)),
+     "format_version 2 is not supported"),
+    ("missing field", lambda p: _edit_manifest(p, lambda m: m.pop("classes")),
+     "classes: Field required"),
+    ("unknown field", lambda p: _edit_manifest(p, lambda m: m.update(colour="red")),
+     "colour: Extra inputs are not permitted"),
+    ("selected block not tapped", lambda p: _edit_manifest(
+        p, lambda m: m["featurenorm"].update(selected_block="layer1.0")),
+     "'layer1.0' is not among taps"),
+    ("unknown block", lambda p: _edit_manifest(p, lambda m: m.update(taps=["layer2.2", "layer9"])),
+     "unknown block(s) ['layer9']"),
+    ("corrupt weights", lambda p: (p / "model.safetensors").write_bytes(
+        (p / "model.safetensors").read_bytes()[:-1] + b"\0"), "does not match the manifest"),
+    ("missing weights", lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
+    ("weights outside", lambda p: _edit_manifest(
+        p, lambda m: m["weights"].update(file="../x.safetensors")), "inside the bundle directory"),
+    ("other architecture", lambda p: _reweigh(p, _resnet56_state()),
+     "does not fit CifarResNet"),
+    ("other class count", lambda p: _edit_manifest(p, lambda m: m.update(classes=["a", "b"])),
+     "num_classes differs from len(classes)"),
+    ("bad quantiles", lambda p: _edit_manifest(
+        p, lambda m: m["calibration"]["energy"]["quantiles"].update(values=[0.0] * 1000)),
+     "same length"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", BAD_BUNDLES, ids=[b[0] for b in BAD_BUNDLES])
+def test_a_bad_bundle_is_refused_with_what_is_wrong(tiny_bundle, tmp_path, name, damage, message):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    damage(bundle)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    assert message in str(info.value)
+
+
+def test_export_never_leaves_a_half_written_bundle(tiny_bundle, tmp_path):
+    out = make_bundle(tmp_path / "out", seed=1)
+    before = file_sha256(out / "model.safetensors")
+    bundle = load_bundle(out)
+    manifest = bundle.manifest.model_dump(exclude={"weights", "created"})
+    manifest["featurenorm"]["selected_block"] = "nope"
+    with pytest.raises(ValueError, match="not among taps"):
+        export_bundle(out, bundle.model, manifest)
+    with pytest.raises(ValueError, match="inside the bundle"):
+        export_bundle(out, bundle.model, bundle.manifest.model_dump(exclude={"weights", "created"}),
+                      files={"../escape.txt": "x"})
+    assert file_sha256(out / "model.safetensors") == before  # the old bundle is intact
+    assert load_bundle(out).manifest.version == "0.0.1"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directories left
+
+
+def test_evaluate_cli_rejects_bad_bundles_and_ood_folders(tiny_bundle, tmp_path, capsys):
+    assert cli_main(["evaluate", "--bundle", str(tmp_path / "none"), "--id", "x",
+                     "--ood", "a=b"]) == 2
+    assert "bundle directory not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok_id = tmp_path / "id"
+    for i, cls in enumerate(load_bundle(tiny_bundle).manifest.classes):
+        (ok_id / cls).mkdir(parents=True)
+        from PIL import Image
+        Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(ok_id / cls / "a.png")
+    code = cli_main(["evaluate", "--bundle", str(tiny_bundle), "--id", str(ok_id),
+                     "--ood", f"mine={empty}"])
+    assert code == 2 and str(empty) in capsys.readouterr().err
+    (empty / "bad.jpg").write_bytes(b"not a jpeg")
+    code = cli_main(["evaluate", "--bundle", str(tiny_bundle), "--id", str(ok_id),
+                     "--ood", f"mine={empty}"])
+    assert code == 2 and "unreadable image" in capsys.readouterr().err
+    code = cli_main(["evaluate", "--bundle", str(tiny_bundle), "--id", str(ok_id),
+                     "--ood", "noise=synthetic:gaussian:40", "--out", str(tmp_path / "r")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["selected_block"] == "layer2.2"  # the bundle's choice, not re-selected
+    assert 0 <= report["ood"]["noise"]["featurenorm"]["auroc"] <= 1
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_path):
+    cfg = tiny_config(
+        tiny_data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2",
+        f"evaluation.id_test={tiny_data['id']}",
+        "evaluation.ood={noise: 'synthetic:uniform:48', tin: '%s'}" % tiny_data["aux"],
+        f"evaluation.baselines={{before: '{RESNET20}'}}", "evaluation.selection_images=40",
+        f"export.dir={tmp_path / 'bundle'}", "export.name=tiny", f"export.notice={NOTICE}")
+    train(cfg)
+    out = export_run(cfg, "python -m training build --config tiny.yaml")
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    ratios = m.featurenorm.norm_ratios
+    assert m.featurenorm.selected_block == max(ratios, key=ratios.get)
+    assert list(ratios) == bundle.model.block_names
+    assert m.taps == [m.featurenorm.selected_block]
+    assert set(m.evaluation["ood"]) == {"noise", "tin"}
+    assert set(m.evaluation["baselines"]) == {"before"}
+    assert m.provenance["pretrained"]["sha256"] == file_sha256(RESNET20)
+    # the thresholds keep the requested TPR on the calibration (held-out) images
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert m.calibration["energy"].quantiles.count == len(run["split"]["val_indices"])
+    for name in ("report.json", "report.md", "README.md", "NOTICE", "plots/blocks.svg",
+                 "plots/roc_tin.svg", "plots/hist_featurenorm.svg"):
+        assert (out / name).is_file(), name
+    assert "python -m training build --config tiny.yaml" in (out / "README.md").read_text()
+    # training's weights and the bundle give identical scores for the same images
+    trained = build_model("resnet20", num_classes=10)
+    load_weights(trained, tmp_path / "run" / "model.safetensors")
+    from training.data.sources import open_dataset
+    images = open_dataset(str(tiny_data["id"]), labeled=True,
+                          transform=m.preprocessing.eval_transform())
+    a = score_dataset(trained.eval(), images, torch.device("cpu"), taps=m.taps)
+    b = score_dataset(bundle.model, images, torch.device("cpu"), taps=m.taps)
+    for key in ("energy", f"featurenorm/{m.featurenorm.selected_block}", "pred"):
+        np.testing.assert_array_equal(a[key], b[key])
+    report = json.loads((out / "report.json").read_text())
+    acc = report["models"]["this model"]["id_accuracy"]
+    assert acc == pytest.approx(float((a["pred"] == a["label"]).mean()))
+
+
+def test_calibrate_score_records_direction_and_count():
+    c = calibrate_score(np.arange(100.0), higher_is_id=True, tpr=0.9)
+    assert c.higher_is_id and c.quantiles.higher_is_id and c.quantiles.count == 100
+    assert c.threshold == pytest.approx(9.9)

@@ -1,0 +1,182 @@
+"""From a finished training run to a served bundle: select, evaluate, calibrate, export.
+
+``python -m training build --config F`` trains (or resumes) and then runs :func:`export_run`;
+``python -m training export --config F`` runs only the second half on a finished run. The
+steps, each on data the previous ones did not touch:
+
+1. **Block selection** on ID *training* images (outside the held-out split), jigsaw vs plain.
+2. **Calibration** of the energy and FeatureNorm thresholds on the held-out ID *validation*
+   split, at ``evaluation.tpr``, plus their quantile tables.
+3. **Evaluation** on the ID *test* set and the OOD test sets of the config, for the trained
+   model and for each baseline (e.g. the network before fine-tuning), each baseline with its
+   own selected block; the calibrated thresholds' operating point on the test sets.
+4. **Export**: weights, manifest, report (JSON, Markdown, SVG figures), README and licence
+   notice in one bundle directory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from training.bundle import export_bundle
+from training.calibration import calibrate_score
+from training.config import ConfigError, RunConfig
+from training.data.archives import file_sha256
+from training.data.sampling import stratified_split
+from training.data.sources import open_dataset
+from training.evaluation import score_dataset
+from training.models import build_model, load_weights
+from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
+    operating_point
+from training.runtime import select_device
+
+RESULT_NAME = "this model"
+
+
+def _provenance(sources: dict[str, str | None]) -> dict[str, Any]:
+    out = {}
+    for role, source in sources.items():
+        if source:
+            path = Path(source.partition("#")[0])
+            out[role] = {"source": source,
+                         "sha256": file_sha256(path) if path.is_file() else None}
+    return out
+
+
+def _summary(result: ModelResult) -> dict[str, Any]:
+    return {"id_accuracy": result.id_accuracy,
+            "ood": result.ood}
+
+
+def _readme(cfg: RunConfig, name: str, command: str, md_head: str) -> str:
+    return "\n".join([
+        f"# {name}", "",
+        f"`{cfg.model.name}` trained as `{cfg.loss.mode}` by oodserve. Load it with "
+        "`training.bundle.load_bundle` or serve it with the service; see `manifest.json`.", "",
+        "## Reproduce", "", "From the repository root:", "", "```", command, "```", "",
+        "## Results", "",
+        "`report.md` has every table, `report.json` the same numbers, `plots/` the figures "
+        "(score histograms, ROC curves per OOD set, NormRatio vs per-block AUROC).", "",
+        md_head, "",
+        "## Data and licences", "",
+        "Data provenance (sources and sha256) is in `manifest.json` under `provenance`. "
+        "`NOTICE`, when present, is the licence notice of the initial weights.", ""])
+
+
+def export_run(cfg: RunConfig, command: str = "") -> Path:
+    """Turn the finished run of ``cfg`` into a bundle; returns the bundle directory."""
+    ev, run_dir = cfg.evaluation, Path(cfg.run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{weights} not found: train the run first (python -m training "
+                          "train/build --config ...)")
+    if not ev.id_test or not ev.ood:
+        raise ConfigError("evaluation.id_test and evaluation.ood must be set to build a bundle")
+    if cfg.data.val_fraction == 0:
+        raise ConfigError("data.val_fraction must be > 0: thresholds are calibrated on it")
+    run = json.loads((run_dir / "run.json").read_text())
+    pre = cfg.data.preprocessing
+    tf = pre.eval_transform()
+    cache = cfg.data.cache_dir
+    full = open_dataset(cfg.data.train, labeled=True, transform=tf, cache_dir=cache)
+    train_idx, val_idx = stratified_split(full.targets, cfg.data.val_fraction, cfg.seed)
+    if val_idx != run["split"]["val_indices"]:
+        raise ConfigError(f"{run_dir}/run.json holds another validation split than the config "
+                          "gives; was the data or config changed after training?")
+    if ev.selection_images and ev.selection_images < len(train_idx):
+        pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
+        train_idx = sorted(train_idx[i] for i in pick[:ev.selection_images].tolist())
+    selection, val = Subset(full, train_idx), Subset(full, val_idx)
+    id_test = open_dataset(ev.id_test, labeled=True, transform=tf, cache_dir=cache)
+    if list(id_test.classes) != run["classes"]:
+        raise ConfigError(f"{ev.id_test} has classes {list(id_test.classes)}, the model "
+                          f"{run['classes']}")
+    ood_sets = {n: open_dataset(s, labeled=False, transform=tf, image_size=pre.input_size,
+                                cache_dir=cache) for n, s in ev.ood.items()}
+    device = select_device(cfg.train.device)
+    kw = {"selection_set": selection, "id_test": id_test, "ood_sets": ood_sets,
+          "device": device, "seed": cfg.seed, "batch_size": cfg.train.eval_batch_size,
+          "num_workers": cfg.data.num_workers}
+    options = {"num_classes": len(run["classes"]), **cfg.model.options}
+
+    def load(path) -> torch.nn.Module:
+        model = build_model(cfg.model.name, **options)
+        load_weights(model, path)
+        return model.to(device).eval()
+
+    model = load(weights)
+    result = evaluate_model(RESULT_NAME, model, **kw)
+    sel = result.selected_block
+    val_scores = score_dataset(model, val, device, taps=[sel],
+                               batch_size=cfg.train.eval_batch_size,
+                               num_workers=cfg.data.num_workers)
+    calibration = {
+        "energy": calibrate_score(val_scores["energy"], False, ev.tpr),
+        "featurenorm": calibrate_score(val_scores[f"featurenorm/{sel}"], True, ev.tpr),
+    }
+    thresholds = {k: c.threshold for k, c in calibration.items()}
+    op = operating_point(result, thresholds)
+    baselines = [evaluate_model(name, load(path), **kw) for name, path in ev.baselines.items()]
+
+    name = cfg.export.name or run_dir.name
+    profile = ev.profile_ood or next(iter(ev.ood))
+    notes = [f"ID test: `{ev.id_test}` ({len(id_test)} images); OOD: "
+             + ", ".join(f"{n} `{s}` ({len(ood_sets[n])})" for n, s in ev.ood.items()),
+             "ID is the positive class; FPR95 = share of OOD accepted at 95% ID TPR.",
+             f"FeatureNorm block chosen by NormRatio on {len(selection)} ID training images; "
+             f"thresholds calibrated on {len(val)} held-out ID validation images at "
+             f"TPR {ev.tpr:g}.",
+             "Baselines: " + (", ".join(f"{n} = `{p}`" for n, p in ev.baselines.items())
+                              or "none")]
+    md = markdown([result, *baselines], f"Evaluation of {name}", notes)
+    md += "\n## Calibrated thresholds on the test sets\n\n| score | threshold | ID TPR % | " \
+          + " | ".join(f"{s} FPR %" for s in ev.ood) + " |\n|---|---|---|" \
+          + "---|" * len(ev.ood) + "\n"
+    for det, p in op.items():
+        md += f"| {det} | {p['threshold']:.4f} | {100 * p['id_tpr']:.2f} | " + " | ".join(
+            f"{100 * p['ood_fpr'][s]:.2f}" for s in ev.ood) + " |\n"
+    report = {"id_test": ev.id_test, "ood": ev.ood, "tpr": ev.tpr,
+              "selection_images": len(selection), "calibration_images": len(val),
+              "detectors": list(DETECTORS),
+              "models": {r.name: r.to_json() for r in [result, *baselines]},
+              "baselines": ev.baselines, "operating_point": op}
+    files = {"report.json": json.dumps(report, indent=1) + "\n", "report.md": md,
+             "README.md": _readme(cfg, name, command or "python -m training build --config "
+                                  "<config>", md.split("\n## ")[0])}
+    files |= figures(result, profile, thresholds)
+    notice = Path(cfg.export.notice).read_text() if cfg.export.notice else None
+    manifest = {
+        "name": name, "version": cfg.export.version,
+        "architecture": {"name": cfg.model.name, "options": options},
+        "classes": run["classes"],
+        "preprocessing": pre.model_dump(mode="json"),
+        "taps": [sel],
+        "featurenorm": {"selected_block": sel, "norm_ratios": result.norm_ratios,
+                        "selection": {"images": len(selection), "grid": 3, "seed": cfg.seed,
+                                      "source": cfg.data.train}},
+        "calibration": calibration,
+        "evaluation": {"id_test": ev.id_test, "tpr": ev.tpr, **_summary(result),
+                       "operating_point": op,
+                       "baselines": {r.name: _summary(r) for r in baselines}},
+        "training": cfg.model_dump(mode="json"),
+        "provenance": {**_provenance({"train": cfg.data.train, "aux": cfg.data.aux,
+                                      "pretrained": cfg.model.pretrained,
+                                      "id_test": ev.id_test, **ev.ood}),
+                       "val_indices_count": len(val_idx), "command": command,
+                       "environment": {"torch": torch.__version__,
+                                       "python": platform.python_version(),
+                                       "device": str(device)}},
+    }
+    out = Path(cfg.export.dir or run_dir / "bundle")
+    return export_bundle(out, model, manifest, notice=notice, files=files)
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m training " + shlex.join(argv)

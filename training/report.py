@@ -1,0 +1,167 @@
+"""Evaluate a model as the bundle will serve it, and write what a person reads.
+
+:func:`evaluate_model` selects the FeatureNorm block (NormRatio on ID training images),
+scores the ID test set and every OOD set in one forward pass per batch with every block
+tapped, and measures the detectors
+
+* ``msp``, ``max_logit``, ``energy``: logit-based;
+* ``featurenorm``: FeatureNorm at the selected block;
+* ``featurenorm_last``: FeatureNorm at the last block, the naive choice selection is
+  compared against;
+
+with :func:`training.metrics.ood_metrics` (FPR95 with ID positive, AUROC, AUPR-In/Out), plus
+ID accuracy and the AUROC of FeatureNorm at every block (for the block profile plot).
+:func:`write_report` turns one or more such results into ``report.json``, ``report.md`` and
+SVG figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training import plots
+from training.block_selection import norm_ratios, select_block
+from training.calibration import is_ood
+from training.evaluation import score_dataset
+from training.metrics import ood_metrics, roc_curve
+from training.models import TappedClassifier
+from training.scores import HIGHER_IS_ID
+
+DETECTORS = ("msp", "max_logit", "energy", "featurenorm", "featurenorm_last")
+DIRECTION = {**HIGHER_IS_ID, "featurenorm_last": True}
+METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+@dataclass
+class ModelResult:
+    """The numbers of one model; ``scores`` (per set, per detector) stay out of the JSON."""
+
+    name: str
+    selected_block: str
+    last_block: str
+    norm_ratios: dict[str, float]
+    id_accuracy: float
+    ood: dict[str, dict[str, dict[str, float]]]
+    block_auroc: dict[str, dict[str, float]]
+    scores: dict[str, dict[str, np.ndarray]] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"selected_block": self.selected_block, "last_block": self.last_block,
+                "norm_ratios": self.norm_ratios, "id_accuracy": self.id_accuracy,
+                "ood": self.ood, "featurenorm_auroc_per_block": self.block_auroc}
+
+
+def _detector_scores(raw: dict[str, np.ndarray], selected: str, last: str) -> dict[str, np.ndarray]:
+    return {"msp": raw["msp"], "max_logit": raw["max_logit"], "energy": raw["energy"],
+            "featurenorm": raw[f"featurenorm/{selected}"],
+            "featurenorm_last": raw[f"featurenorm/{last}"]}
+
+
+def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset, ood_sets: dict[str, Dataset], device: torch.device,
+                   selection_set: Dataset | None = None, seed: int = 0,
+                   batch_size: int = 256, num_workers: int = 0,
+                   selected_block: str | None = None,
+                   ratios: dict[str, float] | None = None) -> ModelResult:
+    """Select the block on ``selection_set`` (unless ``selected_block`` and its ``ratios``
+    are given, e.g. by a bundle) and measure."""
+    blocks = model.block_names
+    kw = {"batch_size": batch_size, "num_workers": num_workers}
+    if selected_block is None:
+        if selection_set is None:
+            raise ValueError("block selection needs ID training images (selection_set)")
+        ratios = norm_ratios(model, selection_set, device, blocks, seed=seed, **kw)
+        selected_block = select_block(ratios)
+    last = blocks[-1]
+    raw_id = score_dataset(model, id_test, device, taps=blocks, **kw)
+    accuracy = float((raw_id["pred"] == raw_id["label"]).mean())
+    scores = {"id": _detector_scores(raw_id, selected_block, last)}
+    ood, per_block = {}, {}
+    for set_name, dataset in ood_sets.items():
+        raw = score_dataset(model, dataset, device, taps=blocks, **kw)
+        scores[set_name] = _detector_scores(raw, selected_block, last)
+        ood[set_name] = {d: ood_metrics(scores["id"][d], scores[set_name][d], DIRECTION[d])
+                         for d in DETECTORS}
+        per_block[set_name] = {
+            b: ood_metrics(raw_id[f"featurenorm/{b}"], raw[f"featurenorm/{b}"], True)["auroc"]
+            for b in blocks}
+    return ModelResult(name, selected_block, last, dict(ratios or {}), accuracy, ood,
+                       per_block, scores)
+
+
+def operating_point(result: ModelResult, thresholds: dict[str, float]) -> dict[str, Any]:
+    """What the calibrated thresholds do on the test sets: ID TPR and each OOD set's FPR."""
+    out: dict[str, Any] = {}
+    for det, thr in thresholds.items():
+        higher = DIRECTION[det]
+        entry = {"threshold": thr,
+                 "id_tpr": float(1 - is_ood(result.scores["id"][det], thr, higher).mean())}
+        entry["ood_fpr"] = {s: float(1 - is_ood(v[det], thr, higher).mean())
+                            for s, v in result.scores.items() if s != "id"}
+        out[det] = entry
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def markdown(results: list[ModelResult], title: str, notes: list[str] = ()) -> str:
+    """One table per OOD set: every model x detector, FPR95 / AUROC / AUPR-In / AUPR-Out."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "| model | ID accuracy % | FeatureNorm block (NormRatio) |", "|---|---|---|"]
+    for r in results:
+        ratio = r.norm_ratios.get(r.selected_block)
+        lines.append(f"| {r.name} | {_pct(r.id_accuracy)} | {r.selected_block}"
+                     + (f" ({ratio:.3f})" if ratio is not None else "") + " |")
+    ood_names = list(results[0].ood)
+    for set_name in ood_names:
+        lines += ["", f"## {set_name}", "",
+                  "| model | detector | FPR95 % ↓ | AUROC % ↑ | AUPR-In % ↑ | AUPR-Out % ↑ |",
+                  "|---|---|---|---|---|---|"]
+        for r in results:
+            for det in DETECTORS:
+                m = r.ood[set_name][det]
+                label = {"featurenorm": f"featurenorm ({r.selected_block})",
+                         "featurenorm_last": f"featurenorm ({r.last_block}, last)"}.get(det, det)
+                lines.append(f"| {r.name} | {label} | " + " | ".join(
+                    _pct(m[k]) for k in METRIC_NAMES) + " |")
+    if len(ood_names) > 1:
+        lines += ["", "## Mean over OOD sets", "", "| model | detector | FPR95 % ↓ | AUROC % ↑ |",
+                  "|---|---|---|---|"]
+        for r in results:
+            for det in DETECTORS:
+                f = np.mean([r.ood[s][det]["fpr95"] for s in ood_names])
+                a = np.mean([r.ood[s][det]["auroc"] for s in ood_names])
+                lines.append(f"| {r.name} | {det} | {_pct(f)} | {_pct(a)} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(result: ModelResult, profile_set: str,
+            thresholds: dict[str, float] | None = None) -> dict[str, str]:
+    """SVG files (relative path -> text) for one model's result."""
+    thresholds = thresholds or {}
+    out = {}
+    ood_names = [s for s in result.scores if s != "id"]
+    for det, xlabel in (("energy", "energy (lower = more ID)"),
+                        ("featurenorm", f"FeatureNorm at {result.selected_block} (higher = more ID)"),
+                        ("msp", "max softmax probability (higher = more ID)")):
+        series = {"ID test": result.scores["id"][det]}
+        series |= {s: result.scores[s][det] for s in ood_names}
+        marker = ("threshold", thresholds[det]) if det in thresholds else None
+        out[f"plots/hist_{det}.svg"] = plots.histograms(series, f"{det}: ID vs OOD", xlabel,
+                                                        marker=marker)
+    for s in ood_names:
+        curves = {d: roc_curve(result.scores["id"][d], result.scores[s][d], DIRECTION[d])
+                  for d in DETECTORS}
+        out[f"plots/roc_{s}.svg"] = plots.roc_curves(curves, f"ROC: ID test vs {s}")
+    if result.norm_ratios:
+        out["plots/blocks.svg"] = plots.block_profile(
+            list(result.norm_ratios), result.norm_ratios, result.block_auroc[profile_set],
+            result.selected_block, profile_set)
+    return out
