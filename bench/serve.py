@@ -1,0 +1,325 @@
+"""Throughput and latency of the real service against the model alone, in one run.
+
+    python bench/serve.py [--bundle DIR] [--duration 5] [--concurrency 1,8,32,64] [--threads N]
+
+1. Reads ``--images`` real JPEGs (default: CIFAR-10 test, ``../shared/data/cifar10.tar.gz``).
+2. Model alone, no HTTP, in this process: median latency of a single-image forward pass and
+   the throughput of batched forward passes (batch = the server's max batch size), both
+   through :func:`training.evaluation.score_batch` as the service runs it. Measured before
+   and again after the service runs, since other load on the machine may change meanwhile;
+   the targets use the mean of the two.
+3. Starts ``python -m service`` (uvicorn, one worker) and, from a separate load-generator
+   process, keeps C requests in flight (closed loop: each of C keep-alive connections sends
+   the next ``POST /predict`` when the last answer arrives) for each concurrency C; then the
+   same with batching off (max batch 1) at ``--unbatched-concurrency``.
+4. Prints req/s, p50/p95/p99 latency, the server's resident memory (now and peak), its CPU
+   time per request, the mean batch size and the share of wall time the inference thread
+   spent in forward passes (near 100%: the model is the bottleneck), and the targets: at concurrency 32, >= 60% of raw batched throughput and >= 2x the unbatched
+   service; at concurrency 1, p50 <= raw single-image forward + 5 ms; RSS <= 1 GiB.
+
+The load generator speaks HTTP/1.1 over raw asyncio streams with pre-encoded requests, so
+that on a small machine it costs as little CPU as possible; it still shares the machine
+with the server, as any client on the same host would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "cifar10.tar.gz") + "#cifar10/test"
+
+
+# -- load generator (runs in its own process) ------------------------------------------
+
+def _request(host: str, port: int, image: bytes) -> bytes:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"x.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + image + \
+        f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(":", 1)[1]) for line in lines[1:]
+                  if line.lower().startswith("content-length:"))
+    await reader.readexactly(length)
+    return status
+
+
+async def _load(host: str, port: int, requests: list[bytes], concurrency: int,
+                warmup: float, duration: float) -> dict:
+    start = time.perf_counter()
+    window = (start + warmup, start + warmup + duration)
+    latencies: list[float] = []
+    errors = total = 0
+
+    async def client(k: int) -> None:
+        nonlocal errors, total
+        reader, writer = await asyncio.open_connection(host, port)
+        i = k
+        while time.perf_counter() < window[1]:
+            sent = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            status = await _read_response(reader)
+            done = time.perf_counter()
+            i += concurrency
+            total += 1
+            if window[0] <= done <= window[1]:
+                latencies.append(done - sent)
+                errors += status != 200
+        writer.close()
+
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    return {"concurrency": concurrency, "requests": len(latencies), "all_requests": total,
+            "errors": errors,
+            "rps": len(latencies) / duration, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99)}
+
+
+def loadgen_main(args: argparse.Namespace) -> None:
+    images = [p.read_bytes() for p in sorted(Path(args.loadgen).iterdir())]
+    requests = [_request("127.0.0.1", args.port, image) for image in images]
+    result = asyncio.run(_load("127.0.0.1", args.port, requests, args.level, args.warmup,
+                               args.duration))
+    print(json.dumps(result))
+
+
+# -- orchestration ---------------------------------------------------------------------
+
+def read_images(source: str, count: int) -> list[bytes]:
+    from training.data.sources import open_dataset
+
+    dataset = open_dataset(source, labeled=True)
+    step = max(1, len(dataset.samples) // count)
+    return [path.read_bytes() for path, _ in dataset.samples[::step][:count]]
+
+
+def model_alone(bundle_dir: Path, images: list[bytes], batch_size: int,
+                duration: float) -> dict:
+    """Median single-image forward time and batched throughput, no HTTP."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from training.bundle import load_bundle
+    from training.data.folders import load_rgb
+    from training.evaluation import score_batch
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    transform = m.preprocessing.eval_transform()
+    x = torch.stack([transform(load_rgb(Image.open(io.BytesIO(b)))) for b in images])
+    while len(x) < batch_size:
+        x = torch.cat([x, x])
+    taps = [m.featurenorm.selected_block]
+    with torch.inference_mode():
+        for n in (1, batch_size):
+            score_batch(bundle.model, x[:n], taps)  # warm-up
+        singles, end, i = [], time.perf_counter() + duration, 0
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            score_batch(bundle.model, x[i % len(x):i % len(x) + 1], taps)
+            singles.append(time.perf_counter() - t)
+            i += 1
+        batches, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration:
+            offset = (batches * batch_size) % (len(x) - batch_size + 1)
+            score_batch(bundle.model, x[offset:offset + batch_size], taps)
+            batches += 1
+        elapsed = time.perf_counter() - start
+    return {"single_ms": statistics.median(singles) * 1000,
+            "batched_img_s": batches * batch_size / elapsed, "batch_size": batch_size}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batching_stats(port: int) -> tuple[float, float, float]:
+    """(forward passes, images in them, seconds spent in them) from the server's metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(
+        httpx.get(f"http://127.0.0.1:{port}/metrics").text) for s in f.samples}
+    return (values["oodserve_batch_size_count"], values["oodserve_batch_size_sum"],
+            values["oodserve_inference_duration_seconds_sum"])
+
+
+def memory_kib(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+class Server:
+    def __init__(self, bundle: Path, port: int, threads: int, max_batch: int, log: Path):
+        env = dict(os.environ)  # OODSERVE_* set by the caller apply, these win
+        env.update(OODSERVE_BUNDLE=str(bundle), OODSERVE_PORT=str(port),
+                   OODSERVE_TORCH_THREADS=str(threads), OODSERVE_MAX_BATCH_SIZE=str(max_batch),
+                   OODSERVE_LOG_LEVEL="warning", OMP_NUM_THREADS=str(threads))
+        self.port, self.log = port, log
+        with open(log, "w") as out:  # the child keeps its own handle
+            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def run_load(image_dir: Path, port: int, level: int, warmup: float, duration: float) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--loadgen", str(image_dir), "--port",
+                          str(port), "--level", str(level), "--warmup", str(warmup),
+                          "--duration", str(duration)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    from service.settings import DEFAULT_BUNDLE, Settings, available_cores
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="dataset source (training's syntax)")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--unbatched-concurrency", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=available_cores(),
+                        help="torch threads, for the server and the model alone")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loadgen:
+        loadgen_main(args)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    max_batch = Settings(_env_file=None).max_batch_size
+    images = read_images(args.data, args.images)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, "
+          f"{args.threads} torch threads; bundle {args.bundle}; {len(images)} JPEGs "
+          f"from {args.data}, mean {statistics.mean(map(len, images)):.0f} bytes")
+    def measure_model_alone(when: str) -> dict:
+        raw = model_alone(args.bundle, images, max_batch, args.duration)
+        print(f"model alone ({when}): single-image forward p50 {raw['single_ms']:.2f} ms; "
+              f"batched (batch {max_batch}) {raw['batched_img_s']:.1f} img/s", flush=True)
+        return raw
+
+    before = measure_model_alone("before")
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        image_dir = Path(tmp) / "images"
+        image_dir.mkdir()
+        for i, data in enumerate(images):
+            (image_dir / f"{i:05d}.jpg").write_bytes(data)
+        for label, batch, run_levels in [(f"batched (max {max_batch})", max_batch, levels),
+                                         ("batching off (max 1)", 1,
+                                          [args.unbatched_concurrency])]:
+            server = Server(args.bundle, args.port, args.threads, batch, Path(tmp) / "log")
+            try:
+                server.wait_ready()
+                for level in run_levels:
+                    cpu, stats = cpu_seconds(server.proc.pid), batching_stats(args.port)
+                    result = run_load(image_dir, args.port, level, args.warmup, args.duration)
+                    cpu = cpu_seconds(server.proc.pid) - cpu
+                    passes, served, busy = (b - a for a, b in
+                                            zip(stats, batching_stats(args.port)))
+                    rows.append({"service": label, **result, **memory_kib(server.proc.pid),
+                                 "cpu_ms_per_request": cpu / result["all_requests"] * 1000,
+                                 "mean_batch": served / passes,
+                                 "inference_busy": busy / (args.warmup + args.duration)})
+                    r = rows[-1]
+                    print(f"{label:22s} c={level:3d}: {r['rps']:7.1f} req/s  p50 "
+                          f"{r['p50_ms']:6.1f} ms  p95 {r['p95_ms']:6.1f} ms  p99 "
+                          f"{r['p99_ms']:6.1f} ms  errors {r['errors']}  RSS "
+                          f"{r['VmRSS'] / 1024:.0f} MiB (peak {r['VmHWM'] / 1024:.0f})  "
+                          f"server CPU {r['cpu_ms_per_request']:.2f} ms/req  mean batch "
+                          f"{r['mean_batch']:.1f}  inference busy {r['inference_busy']:.0%}",
+                          flush=True)
+            finally:
+                server.stop()
+    after = measure_model_alone("after")
+    raw = {key: (before[key] + after[key]) / 2 for key in ("single_ms", "batched_img_s")}
+
+    def row(service: str, level: int) -> dict | None:
+        return next((r for r in rows if r["service"].startswith(service)
+                     and r["concurrency"] == level), None)
+
+    print("targets:")
+    c32, off, c1 = row("batched", 32), row("batching off", args.unbatched_concurrency), \
+        row("batched", 1)
+    if c32:
+        share = c32["rps"] / raw["batched_img_s"]
+        print(f"  c=32 vs model alone batched ({raw['batched_img_s']:.1f} img/s, mean of "
+              f"before and after): {share:.0%} (target >= 60%): "
+              f"{'met' if share >= 0.6 else 'NOT met'}")
+        if off:
+            gain = c32["rps"] / off["rps"]
+            print(f"  c=32 vs batching off: {gain:.2f}x (target >= 2x): "
+                  f"{'met' if gain >= 2 else 'NOT met'}")
+    if c1:
+        budget = raw["single_ms"] + 5
+        print(f"  c=1 p50 {c1['p50_ms']:.2f} ms vs single forward + 5 ms = {budget:.2f} ms: "
+              f"{'met' if c1['p50_ms'] <= budget else 'NOT met'}")
+    peak = max(r["VmHWM"] for r in rows) / 1024
+    print(f"  peak RSS {peak:.0f} MiB (target <= 1024 MiB): "
+          f"{'met' if peak <= 1024 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

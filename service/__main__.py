@@ -1,0 +1,79 @@
+"""``python -m service``: check the settings and the bundle, then run uvicorn.
+
+The bundle is loaded here, before uvicorn starts, so that a bad one stops the start with one
+line saying what is wrong instead of a traceback from each worker. With one worker the
+loaded bundle is served as is; with several, each worker process loads its own copy and the
+workers share their metrics through ``PROMETHEUS_MULTIPROC_DIR`` (wiped first: files left by
+an earlier run would otherwise be counted again).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import tempfile
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  OODSERVE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                 for e in exc.errors()]
+        sys.exit("oodserve: invalid settings:\n" + "\n".join(lines))
+
+
+def _fresh_metrics_dir() -> None:
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="oodserve-metrics-")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging set-up plus the service's own logger, in every worker."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["oodserve"] = {"handlers": ["default"], "level": level.upper(),
+                                     "propagate": False}
+    return config
+
+
+def main() -> None:
+    settings = _settings()
+    from service.engine import check_servable
+    from training.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(settings.bundle)
+        check_servable(bundle.manifest)
+    except BundleError as exc:
+        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (OODSERVE_BUNDLE): {exc}")
+
+    import uvicorn
+
+    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+               "access_log": settings.access_log,
+               "log_config": _log_config(settings.log_level)}
+    if settings.workers > 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        _fresh_metrics_dir()
+    if settings.workers == 1:
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings, bundle), **options)
+    else:
+        del bundle
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
+                    **options)
+
+
+if __name__ == "__main__":
+    main()

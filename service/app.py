@@ -1,0 +1,64 @@
+"""The FastAPI application: ``create_app(settings)`` builds it, its lifespan runs the model.
+
+Start-up loads and checks the bundle (a bad one stops the start with
+:class:`training.bundle.BundleError`), starts the batcher and warms the model up in the
+background; ``/readyz`` turns 200 once that is done. Shut-down drains nothing: queued
+requests are cancelled, as their clients are being disconnected anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.routers import health, metrics, predict
+from service.settings import Settings
+from training.bundle import Bundle, load_bundle
+
+DESCRIPTION = """
+Image classification with two out-of-distribution (OOD) detectors computed from the same
+forward pass: **energy** `-logsumexp(logits)` (lower = more in-distribution; OOD when
+`energy > threshold`) and **FeatureNorm** of one block (higher = more in-distribution; OOD
+when `featurenorm < threshold`). A score equal to its threshold is in-distribution.
+
+Thresholds default to the bundle's calibration; override them per request with the query
+parameters `energy_threshold`, `featurenorm_threshold` or `tpr`, and choose how the two
+decisions combine with `decision`. Every response says which thresholds it used and where
+they came from. Errors are `{"error": {"code": ..., "message": ...}}`.
+"""
+
+
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """The application for ``settings`` (default: from the environment). ``bundle`` may be
+    given already loaded (``python -m service`` checks it before starting uvicorn)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle)
+        engine = Engine(settings, loaded)
+        engine.start()
+        app.state.engine = engine
+        warm_up = asyncio.create_task(engine.warm_up())
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            app.state.engine = None
+            await engine.stop()
+
+    app = FastAPI(title="oodserve", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  form_limits={"max_files": settings.max_batch_images, "max_fields": 16})
+    app.state.settings = settings
+    app.state.engine = None
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, sees every status
+    for router in (predict.router, health.router, metrics.router):
+        app.include_router(router)
+    return app

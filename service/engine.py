@@ -1,0 +1,140 @@
+"""Everything a served bundle needs at run time, and the path of one image through it:
+bytes -> decoding thread -> batcher -> inference thread -> scores -> decisions -> response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from service.batcher import Batcher, QueueFull
+from service.decoding import Decoder, ImageRejected
+from service.errors import ServiceError
+from service.inference import ImageScores, Predictor
+from service.metrics import Metrics
+from service.schemas import (
+    ClassProbability,
+    DetectorResult,
+    FeatureNormResult,
+    ModelRef,
+    Prediction,
+)
+from service.settings import Settings
+from service.thresholds import Policy, Threshold, resolve_policy
+from training.bundle import Bundle, BundleError, Manifest
+
+log = logging.getLogger("oodserve")
+
+
+def check_servable(manifest: Manifest) -> None:
+    """What this service needs beyond what :func:`training.bundle.load_bundle` checks."""
+    if manifest.energy_temperature != 1.0:
+        # score_batch computes the energy at T = 1; thresholds calibrated at another T
+        # would be compared with the wrong scores.
+        raise BundleError(f"energy_temperature {manifest.energy_temperature} is not "
+                          "supported: the served energy is computed at T = 1")
+
+
+class Engine:
+    def __init__(self, settings: Settings, bundle: Bundle):
+        check_servable(bundle.manifest)
+        self.settings = settings
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version)
+        self.predictor = Predictor(bundle, settings.device, settings.half,
+                                   settings.max_batch_size, settings.resolved_torch_threads())
+        self.metrics = Metrics(self.manifest, str(self.predictor.device),
+                               self.predictor.dtype_name)
+        self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
+        self.batcher: Batcher[ImageScores] = Batcher(
+            self.predictor, max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size, metrics=self.metrics)
+        self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
+                                               thread_name_prefix="oodserve-decode")
+        self.default_policy = resolve_policy(self.manifest)
+        self.ready = False
+        self.failure: str | None = None  # why warm-up failed, for /readyz
+
+    def start(self) -> None:
+        self.batcher.start()
+        log.info("serving %s %s from %s on %s (%s), batches of up to %d within %.1f ms, "
+                 "%d torch threads", self.manifest.name, self.manifest.version,
+                 self.bundle.path, self.predictor.device, self.predictor.dtype_name,
+                 self.settings.max_batch_size, self.settings.max_batch_delay_ms,
+                 self.settings.resolved_torch_threads())
+
+    async def warm_up(self) -> None:
+        sizes = sorted({1, self.settings.max_batch_size})
+        try:
+            await self.batcher.run_in_thread(lambda: self.predictor.warm_up(sizes))
+        except Exception as exc:  # warm-up failures are reported by /readyz, not lost
+            log.exception("warm-up failed")
+            self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
+            return
+        # Everything alive now (torch, the model, the app) lives as long as the process.
+        # Moving it out of the garbage collector's reach stops every full collection from
+        # walking it: measured here, that cut the p99 latency at concurrency 32 from about
+        # 300 ms to about 120 ms.
+        gc.collect()
+        gc.freeze()
+        self.ready = True
+        log.info("warmed up with batches of %s; ready", sizes)
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+        self._decode_pool.shutdown(wait=True)
+        self.metrics.mark_process_dead()
+
+    async def predict(self, data: bytes, policy: Policy, top_k: int) -> Prediction:
+        """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made."""
+        loop = asyncio.get_running_loop()
+        try:
+            with self.batcher.preparing():
+                image = await loop.run_in_executor(self._decode_pool, self.decoder, data)
+        except ImageRejected as exc:
+            self.metrics.image_errors.labels(exc.code).inc()
+            raise
+        try:
+            scores = await self.batcher.submit(image)
+        except QueueFull:
+            raise ServiceError(503, "overloaded", "too many images are waiting; retry "
+                               "shortly", headers={"Retry-After": "1"}) from None
+        decided = policy.decide(scores.energy, scores.featurenorm)
+        self._observe(scores, decided if policy is self.default_policy else
+                      self.default_policy.decide(scores.energy, scores.featurenorm))
+        return self._prediction(scores, policy, decided, top_k)
+
+    def _observe(self, scores: ImageScores, default_decisions: tuple[bool, bool, bool]) -> None:
+        m = self.metrics
+        m.predictions.inc()
+        m.scores["energy"].observe(scores.energy)
+        m.scores["featurenorm"].observe(scores.featurenorm)
+        for detector, ood in zip(("energy", "featurenorm", "combined"), default_decisions):
+            if ood:
+                m.ood_decisions.labels(detector).inc()
+
+    def _prediction(self, scores: ImageScores, policy: Policy,
+                    decided: tuple[bool, bool, bool], top_k: int) -> Prediction:
+        classes, probs = self.manifest.classes, scores.probabilities
+        energy_ood, featurenorm_ood, combined = decided
+        return Prediction(
+            class_index=scores.pred, label=classes[scores.pred],
+            probability=probs[scores.pred],
+            top_k=[ClassProbability(index=i, label=classes[i], probability=probs[i])
+                   for i in scores.ranking[:top_k]],
+            energy=DetectorResult(score=scores.energy, is_ood=energy_ood,
+                                  **_threshold_fields(policy.energy)),
+            featurenorm=FeatureNormResult(score=scores.featurenorm, is_ood=featurenorm_ood,
+                                          block=self.predictor.block,
+                                          **_threshold_fields(policy.featurenorm)),
+            is_ood=combined, decision=policy.decision)
+
+
+def _threshold_fields(threshold: Threshold) -> dict:
+    return {"threshold": threshold.value, "threshold_source": threshold.source,
+            "tpr": threshold.tpr, "higher_is_id": threshold.higher_is_id}

@@ -1,0 +1,1 @@
+"""HTTP routes: predictions, health and model description, metrics."""

@@ -1,0 +1,51 @@
+"""Liveness, readiness and the description of the served model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.engine import Engine
+from service.routers.deps import get_engine
+from service.schemas import CalibrationSummary, Health, ModelSummary, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "not ready yet"}},
+            summary="The bundle is loaded and the model warmed up")
+async def readyz(request: Request) -> JSONResponse:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        state = Readiness(ready=False, reason="loading the bundle")
+    elif not engine.ready:
+        state = Readiness(ready=False, reason=engine.failure or "warming up")
+    else:
+        state = Readiness(ready=True)
+    return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+
+@router.get("/v1/model", response_model=ModelSummary, summary="What is being served")
+async def model(engine: Annotated[Engine, Depends(get_engine)]) -> ModelSummary:
+    m = engine.manifest
+    return ModelSummary(
+        name=m.name, version=m.version, created=m.created, architecture=m.architecture.name,
+        classes=m.classes, input_size=m.preprocessing.input_size, blocks=m.taps,
+        norm_ratios=m.featurenorm.norm_ratios, selected_block=m.featurenorm.selected_block,
+        default_decision=m.default_decision,
+        thresholds={name: CalibrationSummary(threshold=cal.threshold, tpr=cal.tpr,
+                                             higher_is_id=cal.higher_is_id,
+                                             calibration_images=cal.quantiles.count)
+                    for name, cal in m.calibration.items()},
+        evaluation=m.evaluation, weights_sha256=m.weights.sha256,
+        device=str(engine.predictor.device), dtype=engine.predictor.dtype_name,
+        max_batch_size=engine.settings.max_batch_size,
+        max_batch_delay_ms=engine.settings.max_batch_delay_ms)

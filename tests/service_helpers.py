@@ -1,0 +1,84 @@
+"""Helpers for the service tests: a running app with an httpx client, images, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def settings(bundle: Path, **overrides) -> Settings:
+    """Settings for a test app: one torch thread, and no .env from the working directory."""
+    return Settings(_env_file=None, bundle=bundle, torch_threads=1, **overrides)
+
+
+@asynccontextmanager
+async def serve(app_settings: Settings, wait_ready: bool = True):
+    """The app with its lifespan running, and an httpx client talking to it in-process."""
+    app = create_app(app_settings)
+    async with app.router.lifespan_context(app):
+        # A 500 stays a response (as a real client sees it) instead of a raised exception.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://oodserve") as client:
+            if wait_ready:
+                for _ in range(500):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise RuntimeError("the app never became ready")
+            client.app = app
+            yield client
+
+
+def noise_image(seed: int, size=(32, 32), mode: str = "RGB") -> Image.Image:
+    """A random but smooth-ish image: different seeds give clearly different scores."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.integers(0, 256, (max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    return encode(image, "PNG")
+
+
+async def predict(client: httpx.AsyncClient, data: bytes, **params) -> httpx.Response:
+    return await client.post("/predict", files={"image": ("image", data)}, params=params)
+
+
+async def predict_ok(client: httpx.AsyncClient, data: bytes, **params) -> dict:
+    response = await predict(client, data, **params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def metric(text: str, sample_name: str, /, **labels: str) -> float:
+    """Value of the sample ``name`` with exactly ``labels`` (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+async def metrics_text(client: httpx.AsyncClient) -> str:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return response.text

@@ -1,0 +1,210 @@
+"""Dynamic batching: concurrent requests share forward passes and keep their own scores; a
+queued image waits for images still being decoded, never past the delay; inference never
+blocks the event loop."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from service_helpers import (
+    metric,
+    metrics_text,
+    noise_image,
+    png,
+    predict,
+    predict_ok,
+    serve,
+    settings,
+)
+
+from service.decoding import Decoder
+from service.inference import Predictor
+
+pytestmark = pytest.mark.anyio
+
+MAX_BATCH = 8
+DELAY_MS = 300
+# Scores of an image in a batch vs alone. float32 convolutions and matrix products may
+# accumulate in a different order for different batch sizes (measured: at most 2e-6 on an
+# energy of -12, i.e. 1.5e-7 relative, about one float32 ulp). 1e-5 relative is ~80 ulps:
+# room for other kernels, yet far below what mixing up two images would do (their scores
+# differ by 1e-2 relative or more).
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def batched(tiny_bundle):
+    async with serve(settings(tiny_bundle, max_batch_size=MAX_BATCH, max_batch_delay_ms=DELAY_MS,
+                              decode_workers=2)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def unbatched(tiny_bundle):
+    async with serve(settings(tiny_bundle, max_batch_size=1, max_batch_delay_ms=0)) as client:
+        yield client
+
+
+def batch_stats(text: str) -> tuple[float, float]:
+    """(number of forward passes, images in them)."""
+    return (metric(text, "oodserve_batch_size_count"), metric(text, "oodserve_batch_size_sum"))
+
+
+async def test_concurrent_requests_share_one_forward_pass_and_keep_their_scores(
+        batched, unbatched):
+    images = [png(noise_image(100 + i, (32 + 4 * i, 32))) for i in range(MAX_BATCH)]
+    before = batch_stats(await metrics_text(batched))
+    together = await asyncio.gather(*(predict_ok(batched, data) for data in images))
+    after = batch_stats(await metrics_text(batched))
+    passes, served = after[0] - before[0], after[1] - before[1]
+    assert served == MAX_BATCH
+    assert passes == 1  # a full batch goes at once, well within the 300 ms delay
+
+    for data, batch_result in zip(images, together):
+        alone = await predict_ok(unbatched, data)
+        for detector in ("energy", "featurenorm"):
+            assert batch_result[detector]["score"] == pytest.approx(
+                alone[detector]["score"], rel=RTOL)
+        assert batch_result["class_index"] == alone["class_index"]
+        assert batch_result["probability"] == pytest.approx(alone["probability"], abs=1e-6)
+    energies = [r["energy"]["score"] for r in together]
+    assert len(set(energies)) == len(energies)  # distinct images, distinct scores
+
+
+async def test_batch_endpoint_images_share_a_forward_pass(batched):
+    before = batch_stats(await metrics_text(batched))
+    files = [("images", (f"{i}.png", png(noise_image(200 + i)))) for i in range(5)]
+    response = await batched.post("/predict/batch", files=files)
+    assert response.status_code == 200
+    after = batch_stats(await metrics_text(batched))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 5)
+
+
+async def test_a_lone_request_is_sent_at_once(batched):
+    """Nothing else is on its way, so there is nothing to wait for."""
+    before = await metrics_text(batched)
+    body = await predict_ok(batched, png(noise_image(300)))
+    after = await metrics_text(batched)
+    waited = (metric(after, "oodserve_queue_wait_seconds_sum")
+              - metric(before, "oodserve_queue_wait_seconds_sum"))
+    assert waited < DELAY_MS / 1000 / 3
+    assert body["server_time_ms"] < DELAY_MS
+
+
+@pytest.fixture
+def slow_decoding(monkeypatch) -> tuple[bytes, threading.Event]:
+    """Decoding these bytes waits for the event."""
+    slow, release = png(noise_image(301)), threading.Event()
+    decode = Decoder.__call__
+
+    def held(self, data):
+        if data == slow:
+            release.wait(timeout=20)
+        return decode(self, data)
+
+    monkeypatch.setattr(Decoder, "__call__", held)
+    return slow, release
+
+
+async def test_a_queued_image_waits_for_one_being_decoded(batched, slow_decoding):
+    slow, release = slow_decoding
+    before = batch_stats(await metrics_text(batched))
+    first = asyncio.create_task(predict_ok(batched, slow))
+    second = asyncio.create_task(predict_ok(batched, png(noise_image(302))))
+    await asyncio.sleep(DELAY_MS / 1000 / 3)  # second is queued, first still decoding
+    release.set()
+    await asyncio.gather(first, second)
+    after = batch_stats(await metrics_text(batched))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)  # one pass for both
+
+
+async def test_but_never_longer_than_the_delay(batched, slow_decoding):
+    slow, release = slow_decoding
+    before = batch_stats(await metrics_text(batched))
+    first = asyncio.create_task(predict_ok(batched, slow))
+    second = await predict_ok(batched, png(noise_image(303)))  # returns while first is held
+    assert DELAY_MS <= second["server_time_ms"] < DELAY_MS + 1000
+    release.set()
+    await first
+    after = batch_stats(await metrics_text(batched))
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+
+class Gate:
+    """Forward passes wait while the gate is closed (it starts open for the warm-up)."""
+
+    def __init__(self):
+        self.open, self.entered = threading.Event(), threading.Event()
+        self.open.set()
+
+    def close(self):
+        self.entered.clear()
+        self.open.clear()
+
+
+@pytest.fixture
+def gate(monkeypatch) -> Gate:
+    gate = Gate()
+    forward = Predictor.__call__
+
+    def gated(self, images):
+        gate.entered.set()
+        if not gate.open.wait(timeout=20):
+            raise TimeoutError("test gate never opened")
+        return forward(self, images)
+
+    monkeypatch.setattr(Predictor, "__call__", gated)
+    return gate
+
+
+async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
+    app_settings = settings(tiny_bundle, max_batch_size=1, max_batch_delay_ms=0,
+                            max_queue_size=1)
+    async with serve(app_settings) as client:
+        gate.close()
+        first = asyncio.create_task(predict(client, png(noise_image(1))))
+        await wait_until(gate.entered.is_set)  # first is in the forward pass
+        second = asyncio.create_task(predict(client, png(noise_image(2))))
+        await wait_until(lambda: len(client.app.state.engine.batcher._pending) == 1)  # queued
+
+        started = time.perf_counter()
+        assert (await client.get("/healthz")).status_code == 200
+        assert time.perf_counter() - started < 1.0  # inference is off the event loop
+
+        third = await predict(client, png(noise_image(3)))
+        assert third.status_code == 503
+        assert third.json()["error"]["code"] == "overloaded"
+        assert third.headers["retry-after"] == "1"
+
+        gate.open.set()
+        assert (await first).status_code == 200
+        assert (await second).status_code == 200
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+async def test_a_failed_forward_pass_fails_its_requests_not_the_service(tiny_bundle,
+                                                                        monkeypatch):
+    async with serve(settings(tiny_bundle, max_batch_delay_ms=0)) as client:
+        def broken(self, images):
+            raise RuntimeError("simulated device failure")
+
+        forward = Predictor.__call__
+        monkeypatch.setattr(Predictor, "__call__", broken)
+        response = await predict(client, png(noise_image(4)))
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal_error"
+        monkeypatch.setattr(Predictor, "__call__", forward)
+        assert (await predict(client, png(noise_image(4)))).status_code == 200

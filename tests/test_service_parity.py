@@ -1,0 +1,79 @@
+"""The service's scores equal training's evaluation scores for the same bundle and images.
+
+training's side is :func:`training.evaluation.score_dataset` over an image folder opened the
+way ``python -m training evaluate`` opens one, with the bundle's model and preprocessing.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from service_helpers import encode, noise_image, serve, settings
+
+from training.bundle import load_bundle
+from training.data.folders import UnlabeledImageFolder
+from training.evaluation import score_dataset
+
+pytestmark = pytest.mark.anyio
+
+# The service runs the images in batches of its own making, evaluation in one batch of all
+# of them: float32 kernels may then sum in another order (see test_service_batching.RTOL).
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """24 images of several sizes and formats (JPEG, PNG, grayscale, palette, RGBA)."""
+    root = tmp_path_factory.mktemp("parity")
+    for i in range(24):
+        size = [(32, 32), (48, 40), (40, 64), (100, 75)][i % 4]
+        image = noise_image(500 + i, size)
+        kind = i % 6
+        if kind == 0:
+            (root / f"{i:02d}.jpg").write_bytes(encode(image, "JPEG", quality=85))
+        elif kind == 1:
+            (root / f"{i:02d}.png").write_bytes(encode(image, "PNG"))
+        elif kind == 2:
+            (root / f"{i:02d}.png").write_bytes(encode(image.convert("L"), "PNG"))
+        elif kind == 3:
+            (root / f"{i:02d}.gif").write_bytes(encode(image.convert("P"), "GIF"))
+        elif kind == 4:
+            rgba = image.convert("RGBA")
+            rgba.putalpha(128)
+            (root / f"{i:02d}.png").write_bytes(encode(rgba, "PNG"))
+        else:
+            (root / f"{i:02d}.webp").write_bytes(encode(image, "WEBP", quality=80))
+    return root
+
+
+async def test_service_scores_equal_training_evaluation(tiny_bundle, image_folder, tmp_path):
+    bundle = load_bundle(tiny_bundle)
+    block = bundle.manifest.featurenorm.selected_block
+    dataset = UnlabeledImageFolder(image_folder,
+                                   transform=bundle.manifest.preprocessing.eval_transform(),
+                                   cache_dir=tmp_path)
+    evaluation = score_dataset(bundle.model, dataset, torch.device("cpu"), taps=[block])
+
+    async with serve(settings(tiny_bundle, max_batch_size=8, max_batch_delay_ms=20)) as client:
+        async def one(path):
+            response = await client.post("/predict", files={"image": (path.name,
+                                                                      path.read_bytes())})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        served = await asyncio.gather(*(one(path) for path, _ in dataset.samples))
+
+    assert len(served) == len(evaluation["energy"]) == 24
+    np.testing.assert_allclose([r["energy"]["score"] for r in served], evaluation["energy"],
+                               rtol=RTOL)
+    np.testing.assert_allclose([r["featurenorm"]["score"] for r in served],
+                               evaluation[f"featurenorm/{block}"], rtol=RTOL)
+    np.testing.assert_allclose([r["probability"] for r in served], evaluation["msp"],
+                               rtol=RTOL)
+    assert [r["class_index"] for r in served] == evaluation["pred"].tolist()
