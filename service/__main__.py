@@ -49,12 +49,10 @@ def _log_config(level: str) -> dict:
 
 def main() -> None:
     settings = _settings()
-    from service.engine import check_servable
     from training.bundle import BundleError, load_bundle
 
     try:
         bundle = load_bundle(settings.bundle)
-        check_servable(bundle.manifest)
     except BundleError as exc:
         sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (OODSERVE_BUNDLE): {exc}")
 

@@ -23,23 +23,13 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.thresholds import Policy, Threshold, resolve_policy
-from training.bundle import Bundle, BundleError, Manifest
+from training.bundle import Bundle
 
 log = logging.getLogger("oodserve")
 
 
-def check_servable(manifest: Manifest) -> None:
-    """What this service needs beyond what :func:`training.bundle.load_bundle` checks."""
-    if manifest.energy_temperature != 1.0:
-        # score_batch computes the energy at T = 1; thresholds calibrated at another T
-        # would be compared with the wrong scores.
-        raise BundleError(f"energy_temperature {manifest.energy_temperature} is not "
-                          "supported: the served energy is computed at T = 1")
-
-
 class Engine:
     def __init__(self, settings: Settings, bundle: Bundle):
-        check_servable(bundle.manifest)
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest

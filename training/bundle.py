@@ -85,7 +85,6 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     taps: list[str] = Field(..., min_length=1, description="blocks tapped at serving time")
     featurenorm: FeatureNormBlock
-    energy_temperature: float = Field(1.0, gt=0.0)
     calibration: dict[Literal["energy", "featurenorm"], ScoreCalibration]
     default_decision: DecisionRule = "any"
     evaluation: dict[str, Any] = Field(default_factory=dict)
