@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test serve
+.PHONY: install test serve deploy-tools
 install: .venv/.installed
 
 .venv/.installed: pyproject.toml
@@ -12,8 +12,20 @@ install: .venv/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install
+test: install deploy-tools
 	$(PY) -m pytest -q
+
+# promtool and prometheus for the deployment tests (tests/test_deploy_*.py): Debian's
+# `prometheus` package, installed when they are missing and apt-get can (CI runs as root on
+# Debian). Elsewhere install Prometheus yourself; without it those tests fail and say so.
+deploy-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus) for the deployment tests"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	else \
+	    echo "warning: promtool/prometheus not found (Debian/Ubuntu: apt-get install prometheus); tests/test_deploy_*.py will fail"; \
+	fi
 
 serve: install
 	$(PY) -m service
