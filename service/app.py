@@ -1,24 +1,32 @@
 """The FastAPI application: ``create_app(settings)`` builds it, its lifespan runs the model.
 
 Start-up loads and checks the bundle (a bad one stops the start with
-:class:`training.bundle.BundleError`), starts the batcher and warms the model up in the
-background; ``/readyz`` turns 200 once that is done. Shut-down drains nothing: queued
-requests are cancelled, as their clients are being disconnected anyway.
+:class:`training.bundle.BundleError`, logged with the reason), starts the batcher and warms
+the model up in the background; ``/readyz`` turns 200 once that is done, and 503 again if
+the bundle on disk stops being the one served (:mod:`service.bundle_check`).
+
+Shut-down (SIGTERM, SIGINT): uvicorn first stops accepting connections and waits for the
+requests in flight to be answered, while the batcher keeps running them; only then does the
+lifespan below end, stopping the batcher with nothing left in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
 
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.routers import health, metrics, predict
+from service.security import BEARER
 from service.settings import Settings
-from training.bundle import Bundle, load_bundle
+from training.bundle import Bundle, BundleError, load_bundle
+
+log = logging.getLogger("oodserve")
 
 DESCRIPTION = """
 Image classification with two out-of-distribution (OOD) detectors computed from the same
@@ -40,7 +48,11 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle)
+        try:
+            loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle)
+        except BundleError as exc:
+            log.error("cannot serve the bundle %s (OODSERVE_BUNDLE): %s", settings.bundle, exc)
+            raise
         engine = Engine(settings, loaded)
         engine.start()
         app.state.engine = engine
@@ -59,6 +71,10 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, sees every status
-    for router in (predict.router, health.router, metrics.router):
+    # With a key, the predict routes declare the bearer scheme in the OpenAPI schema (the
+    # check itself is PredictRoute's, before the body is read).
+    app.include_router(predict.router,
+                       dependencies=[Security(BEARER)] if settings.api_key else None)
+    for router in (health.router, metrics.router):
         app.include_router(router)
     return app

@@ -15,6 +15,7 @@ request pays no delay at all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,8 +26,10 @@ from typing import Generic, TypeVar
 
 import torch
 
+from service.errors import InternalError, new_error_id
 from service.metrics import Metrics
 
+log = logging.getLogger("oodserve")
 R = TypeVar("R")
 
 
@@ -126,9 +129,15 @@ class Batcher(Generic[R]):
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [job.image for job in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+                # Logged once, with its traceback, under the id that each of the batch's
+                # requests gets in its 500; the next batch runs as usual.
+                error_id = new_error_id()
+                log.error("forward pass of %d images failed (error id %s)", len(batch),
+                          error_id, exc_info=exc)
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(InternalError(
+                            "the forward pass of this image's batch failed", error_id))
                 continue
             finally:
                 self._metrics.inference_duration.observe(time.perf_counter() - started)

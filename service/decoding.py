@@ -57,8 +57,13 @@ class Decoder:
                 rgb = load_rgb(image)
         except ImageRejected:
             raise
-        except Image.DecompressionBombError as exc:
-            raise ImageRejected(413, "too_many_pixels", str(exc)) from None
+        except Image.DecompressionBombError:
+            # Pillow's own check, in Image.open, for sizes far over its default limit: it
+            # comes before ours could look at the header.
+            raise ImageRejected(413, "too_many_pixels", "image is far over the limit of "
+                                f"{self.max_pixels} pixels (OODSERVE_MAX_IMAGE_PIXELS); "
+                                "refused before decoding as a possible decompression "
+                                "bomb") from None
         except UnidentifiedImageError:
             raise ImageRejected(415, "not_an_image", "not a recognised image; send JPEG, "
                                 "PNG, WebP, BMP or GIF") from None

@@ -10,6 +10,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from service.batcher import Batcher, QueueFull
+from service.bundle_check import BundleCheck
 from service.decoding import Decoder, ImageRejected
 from service.errors import ServiceError
 from service.inference import ImageScores, Predictor
@@ -46,6 +47,7 @@ class Engine:
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
                                                thread_name_prefix="oodserve-decode")
         self.default_policy = resolve_policy(self.manifest)
+        self.bundle_check = BundleCheck(bundle)
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, for /readyz
 
@@ -71,8 +73,15 @@ class Engine:
         # 300 ms to about 120 ms.
         gc.collect()
         gc.freeze()
+        await asyncio.to_thread(self.bundle_check.check)  # the first check hashes the weights
         self.ready = True
         log.info("warmed up with batches of %s; ready", sizes)
+
+    async def not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` should answer 503, or None."""
+        if not self.ready:
+            return self.failure or "warming up"
+        return await asyncio.to_thread(self.bundle_check.check)
 
     async def stop(self) -> None:
         self.ready = False

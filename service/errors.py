@@ -8,6 +8,7 @@ shape and the right status, so a client never has to parse two formats.
 from __future__ import annotations
 
 import logging
+import uuid
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -30,19 +31,37 @@ class ServiceError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+class InternalError(ServiceError):
+    """A failure of the service itself (500), under an id that is also in the log."""
+
+    def __init__(self, what: str, error_id: str):
+        super().__init__(500, "internal_error", f"{what}; error id {error_id} (it is in the "
+                         "service's log)")
+        self.error_id = error_id
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
 def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse.model_validate({"error": {"code": code, "message": message}})
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None,
+                   error_id: str | None = None) -> JSONResponse:
+    body = ErrorResponse.model_validate({"error": {"code": code, "message": message,
+                                                   "id": error_id}})
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status,
+                        headers=headers)
 
 
 # For the OpenAPI schema of the predict routes.
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
-        400: "malformed multipart body",
+        400: "malformed multipart body, or more form fields than allowed",
+        401: "missing or wrong API key (only when OODSERVE_API_KEY is set)",
         413: "body, image or batch too large",
-        415: "not a supported image",
+        415: "not a supported image, or a body that is not multipart/form-data",
         422: "missing field, invalid parameter, or an image that cannot be decoded",
+        500: "the service failed (e.g. a forward pass); the error has an id, in the log too",
         503: "queue full; retry after the number of seconds in Retry-After",
     }.items()
 }
@@ -53,7 +72,8 @@ def _code(status: int) -> str:
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers,
+                          getattr(exc, "error_id", None))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,13 +89,21 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         limit = request.app.state.settings.max_batch_images
         return error_response(413, "too_many_images", f"at most {limit} images per request "
                               "(OODSERVE_MAX_BATCH_IMAGES)")
+    if exc.status_code == 400 and str(exc.detail).startswith("Too many fields"):
+        # ... and at form_limits["max_fields"]: no predict route takes any text field.
+        return error_response(400, "too_many_fields", f"{exc.detail} The predict routes "
+                              "take file fields only (image, or images)")
     return error_response(exc.status_code, _code(exc.status_code), str(exc.detail),
                           getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    return error_response(500, "internal_error", "internal server error")
+    error_id = new_error_id()
+    # The route template, not the raw path: nothing a client sent goes into the log.
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    log.error("unhandled error on %s (error id %s)", route, error_id, exc_info=exc)
+    return error_response(500, "internal_error", f"internal server error; error id "
+                          f"{error_id} (it is in the service's log)", error_id=error_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:

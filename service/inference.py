@@ -20,6 +20,9 @@ from training.runtime import select_device
 
 log = logging.getLogger("oodserve")
 
+# What "out of memory" looks like; a module attribute so that tests can inject their own.
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
 
 @dataclass(frozen=True)
 class ImageScores:
@@ -54,8 +57,26 @@ class Predictor:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[ImageScores]:
+        """Scores of ``images``, in order. A batch that runs out of GPU memory is split in
+        halves, recursively, each retried after emptying the CUDA cache; only a single
+        image that does not fit fails (and with it the batch's requests)."""
+        try:
+            return self._forward(images)
+        except OOM_ERRORS:
+            if len(images) == 1:
+                raise
+        # Out of the except block, so that the failed attempt's tensors (held by the
+        # traceback) are freed before the cache is emptied and the halves run.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(images) // 2
+        log.warning("out of memory on a batch of %d images; retrying as %d + %d",
+                    len(images), half, len(images) - half)
+        return self(images[:half]) + self(images[half:])
+
+    @torch.inference_mode()
+    def _forward(self, images: list[torch.Tensor]) -> list[ImageScores]:
         if self._staging is not None:
             batch = torch.stack(images, out=self._staging[:len(images)])
         else:

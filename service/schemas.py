@@ -45,6 +45,8 @@ class ErrorBody(BaseModel):
     code: str = Field(..., description="stable machine-readable reason",
                       examples=["image_too_large"])
     message: str = Field(..., description="what is wrong, for a person")
+    id: str | None = Field(None, description="500 only: the id under which the failure is "
+                                             "logged, to quote when reporting it")
 
 
 class ErrorResponse(BaseModel):

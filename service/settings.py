@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Resolved from the package, not the working directory, so `python -m service` serves the
@@ -57,7 +57,24 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(64, ge=1, le=1024, description="images per batch request")
     top_k: int = Field(5, ge=1, description="default number of classes in top_k")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    access_log: bool = Field(False, description="uvicorn's per-request log lines")
+    access_log: bool = Field(
+        False, description="uvicorn's per-request log lines (they show paths and query "
+                           "strings, so they are off by default)")
+    api_key: SecretStr | None = Field(
+        None, description="bearer token the predict endpoints require (Authorization: "
+                          "Bearer <key>); unset or empty: they are open")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or raw == "":
+            return None  # OODSERVE_API_KEY= (e.g. passed through empty) means no key
+        if not isinstance(raw, str) or len(raw) < 16 or not all(
+                "!" <= c <= "~" for c in raw):
+            # Not echoed: the message would put the key in the start-up log.
+            raise ValueError("must be at least 16 printable ASCII characters without spaces")
+        return raw
 
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or available_cores()

@@ -20,16 +20,14 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness,
-            responses={503: {"model": Readiness, "description": "not ready yet"}},
-            summary="The bundle is loaded and the model warmed up")
+            responses={503: {"model": Readiness,
+                             "description": "not ready yet, or the bundle on disk changed"}},
+            summary="The bundle is loaded, the model warmed up, and the bundle on disk is "
+                    "still the one being served")
 async def readyz(request: Request) -> JSONResponse:
     engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None:
-        state = Readiness(ready=False, reason="loading the bundle")
-    elif not engine.ready:
-        state = Readiness(ready=False, reason=engine.failure or "warming up")
-    else:
-        state = Readiness(ready=True)
+    reason = "loading the bundle" if engine is None else await engine.not_ready_reason()
+    state = Readiness(ready=reason is None, reason=reason)
     return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
 

@@ -19,9 +19,11 @@ from service.errors import ERROR_RESPONSES, ServiceError
 from service.middleware import START_KEY
 from service.routers.deps import get_engine
 from service.schemas import BatchItem, BatchResponse, ErrorBody, PredictParams, PredictResponse
+from service.security import PredictRoute
 from service.thresholds import Policy, resolve_policy
 
-router = APIRouter(tags=["predict"])
+# PredictRoute: the API key and the body's content type are checked before it is parsed.
+router = APIRouter(tags=["predict"], route_class=PredictRoute)
 
 
 def _policy(engine: Engine, params: PredictParams) -> Policy:
@@ -75,7 +77,7 @@ async def predict_batch(
         try:
             prediction = await engine.predict(await upload.read(), policy, top_k)
         except ServiceError as exc:
-            if exc.status == 503:  # the server, not the image: fail the whole request
+            if exc.status >= 500:  # the server, not the image: fail the whole request
                 raise
             return BatchItem(index=index, filename=upload.filename,
                              error=ErrorBody(code=exc.code, message=exc.message))
