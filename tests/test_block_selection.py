@@ -115,3 +115,17 @@ def test_norm_ratios_of_a_real_model_are_finite_and_seeded():
     assert select_block(a) == max(a, key=a.get)
     with pytest.raises(ValueError, match="unknown block"):
         norm_ratios(model, data, torch.device("cpu"), blocks=["layer9.9"])
+
+
+def test_the_report_says_whether_selection_beat_the_last_block():
+    from training.report import ModelResult, selection_verdict
+
+    def result(selected, auroc_sel, auroc_last):
+        ood = {"a": {"featurenorm": {"auroc": auroc_sel, "fpr95": 0.5},
+                     "featurenorm_last": {"auroc": auroc_last, "fpr95": 0.4}}}
+        return ModelResult("m", selected, "layer3.2", {}, 0.9, ood, {}, {})
+
+    assert "selected the last block" in selection_verdict(result("layer3.2", 0.9, 0.9))
+    assert "layer3.0 beats the last block" in selection_verdict(result("layer3.0", 0.95, 0.9))
+    text = selection_verdict(result("layer3.0", 0.85, 0.9))
+    assert "does not beat" in text and "85.00% vs 90.00%" in text

@@ -110,6 +110,23 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
+def selection_verdict(result: ModelResult) -> str:
+    """Whether block selection beat the naive last block, in words and numbers."""
+    if result.selected_block == result.last_block:
+        return (f"NormRatio selected the last block ({result.last_block}) itself, so block "
+                "selection gains nothing over the last block for this model.")
+    sets = list(result.ood)
+    fpr = {d: np.mean([result.ood[s][d]["fpr95"] for s in sets])
+           for d in ("featurenorm", "featurenorm_last")}
+    auroc = {d: np.mean([result.ood[s][d]["auroc"] for s in sets])
+             for d in ("featurenorm", "featurenorm_last")}
+    better = auroc["featurenorm"] > auroc["featurenorm_last"]
+    return (f"{result.selected_block} {'beats' if better else 'does not beat'} the last block "
+            f"({result.last_block}): mean AUROC {_pct(auroc['featurenorm'])}% vs "
+            f"{_pct(auroc['featurenorm_last'])}%, mean FPR95 {_pct(fpr['featurenorm'])}% vs "
+            f"{_pct(fpr['featurenorm_last'])}% over {len(sets)} OOD sets.")
+
+
 def markdown(results: list[ModelResult], title: str, notes: list[str] = ()) -> str:
     """One table per OOD set: every model x detector, FPR95 / AUROC / AUPR-In / AUPR-Out."""
     lines = [f"# {title}", ""]
@@ -120,6 +137,8 @@ def markdown(results: list[ModelResult], title: str, notes: list[str] = ()) -> s
         lines.append(f"| {r.name} | {_pct(r.id_accuracy)} | {r.selected_block}"
                      + (f" ({ratio:.3f})" if ratio is not None else "") + " |")
     ood_names = list(results[0].ood)
+    lines += ["", "FeatureNorm at the selected block vs at the last block:", ""]
+    lines += [f"- {r.name}: {selection_verdict(r)}" for r in results]
     for set_name in ood_names:
         lines += ["", f"## {set_name}", "",
                   "| model | detector | FPR95 % ↓ | AUROC % ↑ | AUPR-In % ↑ | AUPR-Out % ↑ |",
