@@ -272,13 +272,13 @@ class Trainer:
         self.scheduler.step()
         # Only the terms the mode has: a plain classifier logs no energy terms (and no NaN
         # "correct side" shares, which JSON cannot carry).
-        stats = {"loss": float(terms.total.detach()), "ce": float(terms.ce)}
+        stats = {"loss": float(terms.total.detach()), "ce": float(terms.ce.detach())}
         mode = self.cfg.loss.mode
         if mode != "ce":
-            stats.update(energy=float(terms.energy), in_ok=terms.correct_in,
+            stats.update(energy=float(terms.energy.detach()), in_ok=terms.correct_in,
                          out_ok=terms.correct_out)
         if mode in ("greg", "greg+"):
-            stats["grad"] = float(terms.grad)
+            stats["grad"] = float(terms.grad.detach())
         stats["images"] = x_in.shape[0] + (0 if x_out is None else x_out.shape[0])
         return stats
 
