@@ -181,6 +181,7 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
         tiny_data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2",
         f"evaluation.id_test={tiny_data['id']}",
         "evaluation.ood={noise: 'synthetic:uniform:48', tin: '%s'}" % tiny_data["aux"],
+        "evaluation.profile_ood=tin",
         f"evaluation.baselines={{before: '{RESNET20}'}}", "evaluation.selection_images=40",
         f"export.dir={tmp_path / 'bundle'}", "export.name=tiny", f"export.notice={NOTICE}")
     train(cfg)
