@@ -49,12 +49,6 @@ def test_missing_bundle_stops_the_start(tmp_path):
     assert "cannot serve the bundle" in err and "bundle directory not found" in err
 
 
-@pytest.mark.skipif(DEFAULT_BUNDLE.exists(), reason="the default bundle is there: it would serve")
-def test_missing_default_bundle_names_its_path(tmp_path):
-    err = start_fails(tmp_path)  # no OODSERVE_BUNDLE, started from elsewhere
-    assert str(DEFAULT_BUNDLE) in err
-
-
 def test_corrupt_bundle_stops_the_start(tiny_bundle, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_bundle, bad)
