@@ -447,13 +447,6 @@ def test_container_runs_as_non_root_with_a_read_only_model_directory():
         assert bundle_mounts and all(str(v).endswith(":ro") for v in bundle_mounts)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training.bundle.export_bundle writes the bundle directory 0700 (tempfile.mkdtemp) and "
-    "model.safetensors 0600 (safetensors' save_file), so a bundle exported on the host and "
-    "mounted into the container (README: docker run -v ...:/bundles/mine:ro) cannot be read "
-    "by the image's uid 10001; a git checkout resets the modes, so the shipped default "
-    "bundle is not affected. Fix in training/ (chmod 0755/0644 before the rename), then "
-    "drop this marker."))
 def test_an_exported_bundle_is_readable_by_the_container_user(tiny_bundle):
     """Read-only for everybody but its owner, and readable by a non-root user other than
     the one that exported it."""

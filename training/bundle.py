@@ -195,6 +195,10 @@ def export_bundle(out_dir: str | Path, model: TappedClassifier, manifest: dict[s
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
         load_bundle(staging)  # never leave behind a bundle that the loader refuses
+        # mkdtemp and save_file create owner-only modes; a bundle is meant to be read by other
+        # users too (e.g. the service container's non-root user on a mounted volume).
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
