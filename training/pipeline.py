@@ -61,6 +61,9 @@ def _readme(cfg: RunConfig, name: str, command: str, md_head: str) -> str:
         f"`{cfg.model.name}` trained as `{cfg.loss.mode}` by oodserve. Load it with "
         "`training.bundle.load_bundle` or serve it with the service; see `manifest.json`.", "",
         "## Reproduce", "", "From the repository root:", "", "```", command, "```", "",
+        f"It starts from `{cfg.model.pretrained}`; when that file is the output of another "
+        "run (such as a first training stage), run that stage's config first."
+        if cfg.model.pretrained else "It trains from scratch.", "",
         "## Results", "",
         "`report.md` has every table, `report.json` the same numbers, `plots/` the figures "
         "(score histograms, ROC curves per OOD set, NormRatio vs per-block AUROC).", "",
