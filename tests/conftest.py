@@ -18,6 +18,12 @@ RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
 
 
 @pytest.fixture(scope="session")
+def anyio_backend():
+    """The async tests (service, deployment) run on asyncio, the loop uvicorn uses."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Extraction cache for the tests; reuses OODSERVE_CACHE when set to save time."""
     return Path(os.environ.get("OODSERVE_CACHE") or tmp_path_factory.mktemp("cache"))

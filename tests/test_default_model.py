@@ -16,11 +16,6 @@ from training.data.archives import extract_archive
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
 def test_the_default_bundle_loads_and_records_its_evaluation():
     m = load_bundle(DEFAULT_BUNDLE).manifest
     assert m.name == "cifar10-resnet20-gregplus" and m.architecture.name == "resnet20"

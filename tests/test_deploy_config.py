@@ -339,11 +339,6 @@ def test_metric_names_are_read_out_of_promql():
     assert metric_names(expr) == {"oodserve_x_bucket", "b:c:d", "up"}
 
 
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_every_metric_the_dashboard_and_rules_read_is_exported(tiny_bundle):
     """Each series name in a dashboard query or a rule is a sample name of the running

@@ -34,11 +34,6 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def batched(tiny_bundle):
     async with serve(settings(tiny_bundle, max_batch_size=MAX_BATCH, max_batch_delay_ms=DELAY_MS,
                               decode_workers=2)) as client:

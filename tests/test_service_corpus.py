@@ -19,11 +19,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def client(tiny_bundle):
     async with serve(settings(tiny_bundle)) as client:  # the default limits
         client.reference = await predict_ok(client, png(noise_image(42)))

@@ -16,11 +16,6 @@ MAX_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def client(tiny_bundle):
     app_settings = settings(tiny_bundle, max_upload_bytes=MAX_UPLOAD,
                             max_image_pixels=MAX_PIXELS, max_batch_images=MAX_IMAGES)

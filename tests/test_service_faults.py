@@ -30,11 +30,6 @@ pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
 async def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = time.perf_counter() + timeout
     while not condition():

@@ -23,11 +23,6 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """24 images of several sizes and formats (JPEG, PNG, grayscale, palette, RGBA)."""
     root = tmp_path_factory.mktemp("parity")

@@ -35,11 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "k3y-for-tests-0123456789"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
 def assert_unauthorized(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")

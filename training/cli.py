@@ -43,17 +43,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from training.pipeline import command_line, export_run
-    from training.trainer import train
-
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, restart=args.restart)
-    out = export_run(cfg, command_line(["build", "--config", args.config, *args.overrides]))
-    print(f"bundle: {out}")
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from training.pipeline import command_line, export_run
 
@@ -61,6 +50,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(cfg, command_line(["build", "--config", args.config, *args.overrides]))
     print(f"bundle: {out}")
     return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from training.trainer import train
+
+    train(load_config(args.config, args.overrides), restart=args.restart)
+    return cmd_export(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from torch.utils.data import Subset
 from training.bundle import export_bundle
 from training.calibration import calibrate_score
 from training.config import ConfigError, RunConfig
-from training.data.archives import file_sha256
+from training.data.archives import source_provenance
 from training.data.sampling import stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
@@ -38,16 +38,6 @@ from training.report import DETECTORS, ModelResult, evaluate_model, figures, mar
 from training.runtime import select_device
 
 RESULT_NAME = "this model"
-
-
-def _provenance(sources: dict[str, str | None]) -> dict[str, Any]:
-    out = {}
-    for role, source in sources.items():
-        if source:
-            path = Path(source.partition("#")[0])
-            out[role] = {"source": source,
-                         "sha256": file_sha256(path) if path.is_file() else None}
-    return out
 
 
 def _summary(result: ModelResult) -> dict[str, Any]:
@@ -169,7 +159,7 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
                        "operating_point": op,
                        "baselines": {r.name: _summary(r) for r in baselines}},
         "training": cfg.model_dump(mode="json"),
-        "provenance": {**_provenance({"train": cfg.data.train, "aux": cfg.data.aux,
+        "provenance": {**source_provenance({"train": cfg.data.train, "aux": cfg.data.aux,
                                       "pretrained": cfg.model.pretrained,
                                       "id_test": ev.id_test, **ev.ood}),
                        "val_indices_count": len(val_idx), "command": command,

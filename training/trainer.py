@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from training.config import ConfigError, RunConfig
-from training.data.archives import file_sha256
+from training.data.archives import source_provenance
 from training.data.sampling import SeededItems, StepBatches, mix_seed, stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
@@ -363,13 +363,8 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
                   str(self.run_dir / "model.safetensors"))
         cfg = self.cfg
-        provenance = {}
-        for role, source in (("train", cfg.data.train), ("aux", cfg.data.aux),
-                             ("pretrained", cfg.model.pretrained)):
-            if source:
-                path = Path(source.partition("#")[0])
-                provenance[role] = {"source": source,
-                                    "sha256": file_sha256(path) if path.is_file() else None}
+        provenance = source_provenance({"train": cfg.data.train, "aux": cfg.data.aux,
+                                        "pretrained": cfg.model.pretrained})
         description = {
             "config": cfg.model_dump(mode="json"),
             "classes": self.p.classes,

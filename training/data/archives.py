@@ -69,3 +69,15 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_provenance(sources: dict[str, str | None]) -> dict[str, dict]:
+    """``role -> {source, sha256}`` for each given source; the hash is of the file a source
+    names (an archive, weights), ``None`` for folders and generated data."""
+    out = {}
+    for role, source in sources.items():
+        if source:
+            path = Path(source.partition("#")[0])
+            out[role] = {"source": source,
+                         "sha256": file_sha256(path) if path.is_file() else None}
+    return out
