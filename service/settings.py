@@ -40,9 +40,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on CPU; default: available cores")
+        None, ge=1, description="torch intra-op threads on CPU per worker; default: the "
+                                "available cores shared out between the workers")
     decode_workers: int | None = Field(
-        None, ge=1, le=64, description="image decoding threads; default: min(4, cores)")
+        None, ge=1, le=64, description="image decoding threads per worker; default: "
+                                       "min(4, that share)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0,
@@ -76,8 +78,13 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 printable ASCII characters without spaces")
         return raw
 
+    def _cores_per_worker(self) -> int:
+        return max(1, available_cores() // self.workers)
+
     def resolved_torch_threads(self) -> int:
-        return self.torch_threads or available_cores()
+        """Each worker's share of the cores, so that workers x threads never oversubscribes
+        them: an intra-op thread that loses its core stalls the whole forward pass."""
+        return self.torch_threads or self._cores_per_worker()
 
     def resolved_decode_workers(self) -> int:
-        return self.decode_workers or min(4, available_cores())
+        return self.decode_workers or min(4, self._cores_per_worker())

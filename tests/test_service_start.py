@@ -14,6 +14,7 @@ import httpx
 import pytest
 from service_helpers import metric, noise_image, png
 
+from service import settings as settings_module
 from service.settings import DEFAULT_BUNDLE, REPO_ROOT, Settings
 
 
@@ -42,6 +43,16 @@ def test_settings_from_env_and_dotenv(tmp_path, monkeypatch):
     assert (s.max_batch_size, s.device, s.port) == (7, "cpu", 9100)
     assert Settings(_env_file=None).bundle == DEFAULT_BUNDLE
     assert DEFAULT_BUNDLE == REPO_ROOT / "models" / "cifar10-resnet20-gregplus"
+
+
+def test_workers_share_out_the_cores(monkeypatch):
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 8)
+    one, four, many = (Settings(_env_file=None, workers=n) for n in (1, 4, 16))
+    assert (one.resolved_torch_threads(), one.resolved_decode_workers()) == (8, 4)
+    assert (four.resolved_torch_threads(), four.resolved_decode_workers()) == (2, 2)
+    assert (many.resolved_torch_threads(), many.resolved_decode_workers()) == (1, 1)
+    chosen = Settings(_env_file=None, workers=4, torch_threads=3, decode_workers=5)
+    assert (chosen.resolved_torch_threads(), chosen.resolved_decode_workers()) == (3, 5)
 
 
 def test_missing_bundle_stops_the_start(tmp_path):
@@ -110,3 +121,102 @@ def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path
         # uvicorn shuts down gracefully, then may re-raise the SIGTERM it caught.
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
     assert log.read_text().count("Application shutdown complete") == workers
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of supervisor ``pid`` (not multiprocessing's resource tracker)."""
+    pids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def established_connections(pid: int, port: int) -> int:
+    """TCP connections to ``port`` that process ``pid`` holds open (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_workers_share_connections_and_are_replaced(tiny_bundle, tmp_path, monkeypatch):
+    """Keep-alive connections opened all at once land on both workers (each has its own
+    SO_REUSEPORT socket), and a worker that dies is replaced while the other serves on."""
+    import service.workers
+
+    port, log = free_port(), tmp_path / "service.log"
+    env = service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port, OODSERVE_WORKERS=2)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: log.read_text().count("Application startup complete") == 2, 120,
+                 "two workers")
+        started = time.monotonic()  # the workers were started before this
+        workers = children(proc.pid)
+        connections = []
+        for _ in range(24):  # opened together, before any of them sends a request
+            connections.append(socket.create_connection(("127.0.0.1", port)))
+        for conn in connections:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for conn in connections:
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        held = {pid: established_connections(pid, port) for pid in workers}
+        assert sum(held.values()) == 24 and min(held.values()) > 0, held
+        for conn in connections:
+            conn.close()
+
+        # Past the early-death window, a killed worker is replaced, not the service stopped.
+        time.sleep(max(0.0, service.workers.EARLY_DEATH_S + 0.5 - (time.monotonic() - started)))
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: workers[0] not in children(proc.pid)
+                 and len(children(proc.pid)) == 2, 30, "a replacement worker")
+        wait_for(lambda: log.read_text().count("Application startup complete") == 3, 120,
+                 "the replacement to start")
+
+
+        def all_ready() -> bool:  # new connections hash to either worker
+            for _ in range(8):
+                with httpx.Client(base_url=base) as client:
+                    if client.get("/readyz").status_code != 200:
+                        return False
+            return True
+
+        wait_for(all_ready, 60, "both workers ready")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    assert "exited with -9" in log.read_text()
+
+
+def test_a_worker_that_cannot_start_stops_the_service(tiny_bundle, tmp_path):
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: nobody else may bind it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=120, env=service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port,
+                                         OODSERVE_WORKERS=2))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,7 +9,6 @@ as ``pretrained`` to the registry instead.
 from __future__ import annotations
 
 import torch
-import torchvision
 
 from training.models.base import TappedClassifier
 
@@ -21,6 +20,10 @@ class TorchvisionResNet(TappedClassifier):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown torchvision ResNet {arch!r}; choose one of {ARCHS}")
+        # Imported here: a process that builds no torchvision model (the service with a
+        # CIFAR bundle) never loads torchvision and its compiled kernels.
+        import torchvision
+
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         for name, child in net.named_children():
             self.add_module(name, child)
