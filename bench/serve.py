@@ -1,6 +1,6 @@
 """Throughput and latency of the real service against the model alone, in one run.
 
-    python bench/serve.py [--bundle DIR] [--workers N] [--duration 5] [--concurrency 1,8,32,64]
+    python bench/serve.py [--bundle DIR] [--workers N|auto] [--duration 5] [--concurrency 1,8,32,64]
 
 1. Reads ``--images`` real JPEGs (default: CIFAR-10 test, ``../shared/data/cifar10.tar.gz``).
 2. Model alone, no HTTP, in this process: median latency of a single-image forward pass and
@@ -8,8 +8,8 @@
    through :func:`training.evaluation.score_batch` as the service runs it. Measured before
    and again after the service runs, since other load on the machine may change meanwhile;
    the targets use the mean of the two.
-3. Starts ``python -m service`` (uvicorn, ``--workers`` worker processes, each with its
-   default share of the cores as torch threads) and, from a separate load-generator
+3. Starts ``python -m service`` (``--workers`` worker processes, by default the service's
+   own default: one per core on a CPU; each takes its share of the cores as torch threads) and, from a separate load-generator
    process, keeps C requests in flight (closed loop: each of C keep-alive connections sends
    the next ``POST /predict`` when the last answer arrives) for each concurrency C; then the
    same service with batching off (max batch 1) at ``--unbatched-concurrency``.
@@ -180,7 +180,7 @@ def batching_stats(port: int) -> tuple[float, float, float]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the uvicorn supervisor and its workers)."""
+    """``pid`` and its descendants (the supervisor and its workers)."""
     pids, i = [pid], 0
     while i < len(pids):
         try:
@@ -213,11 +213,11 @@ def tree_memory_kib(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, bundle: Path, port: int, workers: int, threads: int | None,
+    def __init__(self, bundle: Path, port: int, workers: str, threads: int | None,
                  max_batch: int, log: Path):
         env = dict(os.environ)  # OODSERVE_* set by the caller apply, these win
         env.update(OODSERVE_BUNDLE=str(bundle), OODSERVE_PORT=str(port),
-                   OODSERVE_WORKERS=str(workers), OODSERVE_MAX_BATCH_SIZE=str(max_batch),
+                   OODSERVE_WORKERS=workers, OODSERVE_MAX_BATCH_SIZE=str(max_batch),
                    OODSERVE_LOG_LEVEL="warning")
         if threads is not None:
             env.update(OODSERVE_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
@@ -269,7 +269,8 @@ def main() -> None:
     parser.add_argument("--unbatched-concurrency", type=int, default=32)
     parser.add_argument("--threads", type=int, default=available_cores(),
                         help="torch threads of the model alone (default: every core)")
-    parser.add_argument("--workers", type=int, default=1, help="OODSERVE_WORKERS")
+    parser.add_argument("--workers", default="auto",
+                        help="OODSERVE_WORKERS (default: the service's default, auto)")
     parser.add_argument("--server-threads", type=int,
                         help="OODSERVE_TORCH_THREADS for each worker (default: the service's "
                              "own, the cores shared out between the workers)")
@@ -284,11 +285,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    workers = Settings(_env_file=None, workers=args.workers).resolved_workers(
+        cuda=torch.cuda.is_available())
     max_batch = Settings(_env_file=None).max_batch_size
     images = read_images(args.data, args.images)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, "
-          f"model alone on {args.threads} torch threads; service: {args.workers} worker(s), "
+          f"model alone on {args.threads} torch threads; service: {workers} worker(s) "
+          f"(OODSERVE_WORKERS={args.workers}), "
           f"torch threads {args.server_threads or 'default'}; bundle {args.bundle}; "
           f"{len(images)} JPEGs "
           f"from {args.data}, mean {statistics.mean(map(len, images)):.0f} bytes")
@@ -325,7 +329,7 @@ def main() -> None:
                                  "cpu_ms_per_request": cpu / result["all_requests"] * 1000,
                                  "mean_batch": served / passes,
                                  "inference_busy": busy / (args.warmup + args.duration)
-                                 / args.workers})
+                                 / workers})
                     r = rows[-1]
                     print(f"{label:22s} c={level:3d}: {r['rps']:7.1f} req/s  p50 "
                           f"{r['p50_ms']:6.1f} ms  p95 {r['p95_ms']:6.1f} ms  p99 "

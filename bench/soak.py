@@ -307,8 +307,9 @@ def main() -> None:
         (tmp / "spec.json").write_text(json.dumps(spec))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
+        # One worker: the memory and leak checks below read that one process.
         env.update(OODSERVE_BUNDLE=str(args.bundle), OODSERVE_PORT=str(args.port),
-                   OODSERVE_LOG_LEVEL="info")
+                   OODSERVE_LOG_LEVEL="info", OODSERVE_WORKERS="1")
         if args.threads:
             env.update(OODSERVE_TORCH_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
         log = tmp / "server.log"

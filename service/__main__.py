@@ -1,12 +1,13 @@
 """``python -m service``: check the settings and the bundle, then run uvicorn.
 
 The bundle is checked here, before uvicorn starts, so that a bad one stops the start with
-one line saying what is wrong instead of a traceback from each worker. With one worker the
-loaded bundle is served as is. With several, each worker process loads its own copy, the
-check runs in a child process (:mod:`service.preflight`), the workers are run by
-:mod:`service.workers` (one listening socket each, so that connections spread evenly), and
-they share their metrics through ``PROMETHEUS_MULTIPROC_DIR`` (wiped first: files left by an earlier run
-would otherwise be counted again).
+one line saying what is wrong instead of a traceback from each worker. With
+``OODSERVE_WORKERS=1`` the loaded bundle is served as is. Otherwise the check, and for
+``auto`` whether CUDA is there, run in a child process (:mod:`service.preflight`); the
+workers are run by :mod:`service.workers` (one listening socket each, so that connections
+spread evenly), each loads its own copy of the bundle, and they share their metrics through
+``PROMETHEUS_MULTIPROC_DIR`` (wiped first: files left by an earlier run would otherwise be
+counted again).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import tempfile
 
 from pydantic import ValidationError
 
-from service.preflight import bundle_problem_in_child
+from service.preflight import preflight_in_child
 from service.settings import Settings
 from service.workers import run_workers
+
+log = logging.getLogger("oodserve")
 
 
 def _settings() -> Settings:
@@ -52,39 +55,45 @@ def _log_config(level: str) -> dict:
     return config
 
 
+def _load(settings: Settings):
+    from training.bundle import BundleError, load_bundle
+
+    try:
+        return load_bundle(settings.bundle)
+    except BundleError as exc:
+        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (OODSERVE_BUNDLE): "
+                 f"{exc}")
+
+
 def main() -> None:
     settings = _settings()
     bundle = None
     if settings.workers == 1:
-        from training.bundle import BundleError, load_bundle
-
-        try:
-            bundle = load_bundle(settings.bundle)
-        except BundleError as exc:
-            problem = str(exc)
-        else:
-            problem = None
+        bundle = _load(settings)
+        workers = 1
     else:
-        problem = bundle_problem_in_child(str(settings.bundle))
-    if problem is not None:
-        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (OODSERVE_BUNDLE): "
-                 f"{problem}")
+        check = preflight_in_child(str(settings.bundle), settings.device)
+        if check.problem is not None:
+            sys.exit(f"oodserve: {check.problem}")
+        workers = settings.resolved_workers(check.cuda)
 
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                "access_log": settings.access_log,
                "log_config": _log_config(settings.log_level)}
-    if settings.workers > 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if workers > 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         _fresh_metrics_dir()
-    if settings.workers == 1:
+    if workers == 1:  # `auto` on a GPU or a single core comes here without a bundle yet
         import uvicorn
 
         from service.app import create_app
 
-        uvicorn.run(create_app(settings, bundle), **options)
+        uvicorn.run(create_app(settings, bundle or _load(settings)), **options)
     else:
+        # The workers read their settings from the environment: give them the number.
+        os.environ["OODSERVE_WORKERS"] = str(workers)
         logging.config.dictConfig(options["log_config"])
-        sys.exit(run_workers(settings.workers, options))
-
+        log.info("starting %d worker processes", workers)
+        sys.exit(run_workers(workers, options))
 
 if __name__ == "__main__":
     main()

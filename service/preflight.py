@@ -1,30 +1,41 @@
-"""The start-up check of a bundle for a multi-worker start, in a short-lived child process.
+"""What ``python -m service`` learns before it starts workers, in a short-lived child process.
 
 With several workers, each worker process loads its own copy of the bundle, and the
 supervisor that starts them serves nothing. Checking the bundle there first still stops a
-bad start with one clear line, but torch alone makes up about 0.5 GB of a process's
-resident memory, which the supervisor would keep for good; a child process checks it and
-exits instead. This module imports nothing heavy, so that the supervisor stays small.
+bad start with one clear line, and ``OODSERVE_WORKERS=auto`` needs to know whether CUDA is
+there; but torch alone makes up about 0.5 GB of a process's resident memory, which the
+supervisor would keep for good. A child process finds both out and exits instead. This
+module imports nothing heavy, so that the supervisor stays small.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 
-def bundle_problem(path: str) -> str | None:
-    """Why the bundle at ``path`` cannot be served, or None. Runs in the child."""
+class Preflight(NamedTuple):
+    problem: str | None  # why the service cannot start (bundle or device), or None
+    cuda: bool  # whether the workers will run on CUDA
+
+
+def preflight(path: str, device: str) -> Preflight:
+    """Check the bundle at ``path`` and where ``device`` will run. Runs in the child."""
     from training.bundle import BundleError, load_bundle
+    from training.runtime import select_device
 
     try:
         load_bundle(path)
     except BundleError as exc:
-        return str(exc)
-    return None
+        return Preflight(f"cannot serve the bundle {path} (OODSERVE_BUNDLE): {exc}", False)
+    try:
+        return Preflight(None, select_device(device).type == "cuda")
+    except ValueError as exc:
+        return Preflight(f"OODSERVE_DEVICE: {exc}", False)
 
 
-def bundle_problem_in_child(path: str) -> str | None:
-    """:func:`bundle_problem`, run in a fresh process that takes its memory with it."""
+def preflight_in_child(path: str, device: str) -> Preflight:
+    """:func:`preflight`, run in a fresh process that takes its memory with it."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(bundle_problem, path).result()
+        return pool.submit(preflight, path, device).result()

@@ -7,9 +7,10 @@ is read from the working directory; real environment variables win over it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,12 +21,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "models" / "cifar10-resnet20-gregplus"
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (affinity/cpuset aware, unlike os.cpu_count)."""
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use: the cores it may run on (affinity and cpuset aware,
+    unlike os.cpu_count), capped by a cgroup v2 CPU quota rounded up (a container started
+    with ``--cpus 2`` on a 32-core host gets 2, not 32)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return cores
 
 
 class Settings(BaseSettings):
@@ -38,7 +48,9 @@ class Settings(BaseSettings):
     half: bool = Field(False, description="float16 weights and inputs (CUDA only)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="worker processes, each with its own model copy and batcher; "
+                            "auto: one per core on the CPU, one on a GPU")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU per worker; default: the "
                                 "available cores shared out between the workers")
@@ -78,8 +90,19 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 printable ASCII characters without spaces")
         return raw
 
+    def resolved_workers(self, cuda: bool) -> int:
+        """``workers``, with ``auto`` decided: on the CPU one process per core, because one
+        process is held back by its GIL (HTTP, decoding and the dispatch of each operator of
+        the forward pass take turns on it) long before the cores are busy; on a GPU one
+        process, which keeps the whole batch on the device."""
+        if self.workers != "auto":
+            return self.workers
+        return 1 if cuda else available_cores()
+
     def _cores_per_worker(self) -> int:
-        return max(1, available_cores() // self.workers)
+        # A process made by create_app directly, not by `python -m service`, is the only one.
+        workers = self.workers if isinstance(self.workers, int) else 1
+        return max(1, available_cores() // workers)
 
     def resolved_torch_threads(self) -> int:
         """Each worker's share of the cores, so that workers x threads never oversubscribes

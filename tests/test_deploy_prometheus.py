@@ -116,7 +116,8 @@ def stack(tiny_bundle, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OODSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_DECODE_WORKERS="1",
-               OODSERVE_BUNDLE=str(bundle), OODSERVE_MAX_BATCH_DELAY_MS="5")
+               OODSERVE_WORKERS="1", OODSERVE_BUNDLE=str(bundle),
+               OODSERVE_MAX_BATCH_DELAY_MS="5")
     ports = [free_port() for _ in range(REPLICAS)]
     logs, procs = [], []
     try:

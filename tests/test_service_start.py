@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from service_helpers import metric, noise_image, png
 
 from service import settings as settings_module
@@ -21,7 +22,8 @@ from service.settings import DEFAULT_BUNDLE, REPO_ROOT, Settings
 def service_env(**overrides) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OODSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_DECODE_WORKERS="1")
+    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_DECODE_WORKERS="1",
+               OODSERVE_WORKERS="1")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
@@ -55,9 +57,46 @@ def test_workers_share_out_the_cores(monkeypatch):
     assert (chosen.resolved_torch_threads(), chosen.resolved_decode_workers()) == (3, 5)
 
 
-def test_missing_bundle_stops_the_start(tmp_path):
-    err = start_fails(tmp_path, OODSERVE_BUNDLE=tmp_path / "nowhere")
+@pytest.mark.parametrize("workers", ["1", "auto"])  # checked here / in a child process
+def test_missing_bundle_stops_the_start(tmp_path, workers):
+    err = start_fails(tmp_path, OODSERVE_BUNDLE=tmp_path / "nowhere", OODSERVE_WORKERS=workers)
     assert "cannot serve the bundle" in err and "bundle directory not found" in err
+
+
+def test_cuda_without_a_gpu_stops_a_multi_worker_start(tiny_bundle, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = start_fails(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_DEVICE="cuda",
+                      OODSERVE_WORKERS="2")
+    assert "OODSERVE_DEVICE" in err and "no CUDA device" in err
+
+
+def test_available_cores_follows_a_cgroup_quota(tmp_path):
+    cores = settings_module.available_cores(tmp_path / "absent")
+    assert cores == len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert settings_module.available_cores(cpu_max) == cores
+    cpu_max.write_text("50000 100000\n")  # half a core: still one
+    assert settings_module.available_cores(cpu_max) == 1
+    cpu_max.write_text(f"{cores * 300000} 100000\n")  # more quota than cores
+    assert settings_module.available_cores(cpu_max) == cores
+    if cores >= 2:
+        cpu_max.write_text("150000 100000\n")  # 1.5 cores: rounded up
+        assert settings_module.available_cores(cpu_max) == 2
+
+
+def test_auto_workers(monkeypatch):
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 6)
+    auto = Settings(_env_file=None)
+    assert auto.workers == "auto"
+    assert (auto.resolved_workers(cuda=False), auto.resolved_workers(cuda=True)) == (6, 1)
+    assert Settings(_env_file=None, workers=3).resolved_workers(cuda=False) == 3
+    monkeypatch.setenv("OODSERVE_WORKERS", "2")
+    assert Settings(_env_file=None).workers == 2
+    monkeypatch.setenv("OODSERVE_WORKERS", "0")
+    with pytest.raises(ValueError):
+        Settings(_env_file=None)
 
 
 def test_corrupt_bundle_stops_the_start(tiny_bundle, tmp_path):
@@ -82,15 +121,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path, workers):
+@pytest.mark.parametrize("setting", ["1", "2", "auto"])
+def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path, setting):
+    if setting == "auto" and torch.cuda.is_available():
+        pytest.skip("auto means one worker on a GPU")
+    workers = settings_module.available_cores() if setting == "auto" else int(setting)
     port = free_port()
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale garbage from an earlier run")
     log = tmp_path / "service.log"
     env = service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port,
-                      OODSERVE_WORKERS=workers, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+                      OODSERVE_WORKERS=setting, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
