@@ -9,8 +9,8 @@
    and again after the service runs, since other load on the machine may change meanwhile;
    the targets use the mean of the two.
 3. Starts ``python -m service`` (``--workers`` worker processes, by default the service's
-   own default: one per core on a CPU; each takes its share of the cores as torch threads) and, from a separate load-generator
-   process, keeps C requests in flight (closed loop: each of C keep-alive connections sends
+   own default: one per core on a CPU, each with its share of the cores as torch threads)
+   and, from a separate load-generator process, keeps C requests in flight (closed loop: each of C keep-alive connections sends
    the next ``POST /predict`` when the last answer arrives) for each concurrency C; then the
    same service with batching off (max batch 1) at ``--unbatched-concurrency``.
 4. Prints req/s, p50/p95/p99 latency, the service's memory, the CPU time per request of all
@@ -227,19 +227,24 @@ class Server:
                                          env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
+        """Until /readyz answers 200 on 8 new connections in a row: each new connection
+        may land on any worker, and every worker must have warmed up."""
         import httpx
 
-        deadline = time.time() + timeout
+        deadline, in_a_row = time.time() + timeout, 0
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
                                    f"{self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200:
-                    return
+                ready = httpx.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+                ready = False
+            in_a_row = in_a_row + 1 if ready else 0
+            if in_a_row == 8:
+                return
+            if not ready:
+                time.sleep(0.2)
         raise TimeoutError("server not ready")
 
     def stop(self) -> None:

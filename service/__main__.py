@@ -95,5 +95,6 @@ def main() -> None:
         log.info("starting %d worker processes", workers)
         sys.exit(run_workers(workers, options))
 
+
 if __name__ == "__main__":
     main()

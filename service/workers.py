@@ -9,7 +9,7 @@ binds its own socket with ``SO_REUSEPORT`` and the kernel spreads new connection
 the sockets by a hash of their addresses.
 
 The supervisor (this process) starts the workers, starts a new one in place of any that
-dies, and on SIGTERM or SIGINT passes the signal on and waits for the workers to finish the
+dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or SIGINT passes the signal on and waits for the workers to finish the
 requests in flight (uvicorn's graceful shut-down). It imports neither torch nor the app.
 """
 
@@ -23,6 +23,8 @@ import signal
 import socket
 import time
 from typing import Any
+
+from prometheus_client import multiprocess
 
 log = logging.getLogger("oodserve")
 
@@ -40,7 +42,6 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     sock.listen(backlog)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -74,10 +75,10 @@ def run_workers(count: int, options: dict[str, Any]) -> int:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     workers: dict[int, multiprocessing.Process] = {}
     started: dict[int, float] = {}
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     for _ in range(count):
         process = start()
         workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
@@ -88,6 +89,8 @@ def run_workers(count: int, options: dict[str, Any]) -> int:
             process.join()
             if stopping:
                 continue
+            # What its own shut-down would have done: drop its live gauges from the metrics.
+            multiprocess.mark_process_dead(process.pid)
             lived = time.monotonic() - started.pop(sentinel)
             log.error("worker process %d exited with %s after %.0f s", process.pid,
                       process.exitcode, lived)

@@ -198,13 +198,14 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_workers_share_connections_and_are_replaced(tiny_bundle, tmp_path, monkeypatch):
+def test_workers_share_connections_and_are_replaced(tiny_bundle, tmp_path):
     """Keep-alive connections opened all at once land on both workers (each has its own
     SO_REUSEPORT socket), and a worker that dies is replaced while the other serves on."""
     import service.workers
 
-    port, log = free_port(), tmp_path / "service.log"
-    env = service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port, OODSERVE_WORKERS=2)
+    port, log, metrics_dir = free_port(), tmp_path / "service.log", tmp_path / "prometheus"
+    env = service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port, OODSERVE_WORKERS=2,
+                      PROMETHEUS_MULTIPROC_DIR=metrics_dir)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -228,6 +229,8 @@ def test_workers_share_connections_and_are_replaced(tiny_bundle, tmp_path, monke
 
         # Past the early-death window, a killed worker is replaced, not the service stopped.
         time.sleep(max(0.0, service.workers.EARLY_DEATH_S + 0.5 - (time.monotonic() - started)))
+        live_gauge = metrics_dir / f"gauge_livemax_{workers[0]}.db"  # its model_info
+        assert live_gauge.exists()
         os.kill(workers[0], signal.SIGKILL)
         wait_for(lambda: workers[0] not in children(proc.pid)
                  and len(children(proc.pid)) == 2, 30, "a replacement worker")
@@ -244,6 +247,9 @@ def test_workers_share_connections_and_are_replaced(tiny_bundle, tmp_path, monke
 
         wait_for(all_ready, 60, "both workers ready")
         assert proc.poll() is None
+        assert not live_gauge.exists()  # the supervisor marked the killed worker dead
+        text = httpx.get(f"{base}/metrics").text
+        assert text.count("oodserve_model_info{") == 1
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0, log.read_text()
