@@ -33,15 +33,16 @@ log = logging.getLogger("oodserve")
 EARLY_DEATH_S = 10.0
 
 
-def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A socket bound to ``host:port`` that other processes may bind as well."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` that other processes may bind as well. Bound, not yet
+    listening: uvicorn starts listening once the app has started, and until then the kernel
+    sends new connections to the other workers instead of queueing them here."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
-    sock.listen(backlog)
     return sock
 
 
@@ -50,7 +51,7 @@ def _worker(options: dict[str, Any]) -> None:
 
     config = uvicorn.Config("service.app:create_app", factory=True, **options)
     try:
-        sock = listening_socket(config.host, config.port, config.backlog)
+        sock = reuse_port_socket(config.host, config.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         raise SystemExit(1) from None

@@ -248,8 +248,9 @@ def test_sigterm_drains_the_requests_in_flight(tiny_bundle, tmp_path):
     answered 200, nothing new is accepted meanwhile, and the process exits cleanly."""
     port, n = free_port(), 16
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
+    # One worker: the slow forward pass is patched into this process, not spawned workers.
     env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_BUNDLE=str(tiny_bundle),
-               OODSERVE_PORT=str(port), OODSERVE_MAX_BATCH_SIZE="2",
+               OODSERVE_WORKERS="1", OODSERVE_PORT=str(port), OODSERVE_MAX_BATCH_SIZE="2",
                OODSERVE_MAX_BATCH_DELAY_MS="0", TEST_FORWARD_SECONDS="0.4",
                PYTHONPATH=str(REPO))
     log = tmp_path / "service.log"
