@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real data and weights beside the repository."""
+"""Shared fixtures: paths to the real data and weights beside the repository, the tiny
+test bundle, and the service serving it."""
 
 import hashlib
 import os
@@ -6,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from service_helpers import serve, settings
 
 from training.config import load_config
 from training.data.archives import extract_archive
@@ -21,6 +23,14 @@ RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
 def anyio_backend():
     """The async tests (service, deployment) run on asyncio, the loop uvicorn uses."""
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client(tiny_bundle):
+    """The service on the tiny bundle with default settings, one per test module, through a
+    real httpx client. A module that needs other settings defines its own ``client``."""
+    async with serve(settings(tiny_bundle)) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-async def client(tiny_bundle):
-    async with serve(settings(tiny_bundle)) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def bundle(tiny_bundle):
     return load_bundle(tiny_bundle)
 

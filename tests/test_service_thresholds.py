@@ -2,18 +2,12 @@
 response says which thresholds were used and where they came from."""
 
 import pytest
-from service_helpers import metric, metrics_text, noise_image, png, predict_ok, serve, settings
+from service_helpers import metric, metrics_text, noise_image, png, predict_ok
 
 from training.bundle import load_bundle
 from training.calibration import threshold_for_tpr
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-async def client(tiny_bundle):
-    async with serve(settings(tiny_bundle)) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
