@@ -64,6 +64,13 @@ async def test_tpr_reads_thresholds_from_the_quantile_tables(client, image, mani
         assert result[detector]["tpr"] == tpr
 
 
+async def test_a_repeated_parameter_counts_with_its_last_value(client, image, manifest):
+    response = await client.post("/predict?tpr=0.5&tpr=0.9", files={"image": ("a.png", image)})
+    assert response.status_code == 200
+    assert response.json()["energy"]["threshold"] == threshold_for_tpr(
+        manifest.calibration["energy"].quantiles, 0.9)
+
+
 async def test_tpr_moves_thresholds_in_the_right_direction(client, image):
     strict = await predict_ok(client, image, tpr=0.5)
     lenient = await predict_ok(client, image, tpr=0.99)
