@@ -16,8 +16,9 @@
    each of C keep-alive connections sends the next ``POST /predict`` when the last answer
    arrives) for each concurrency C; then the same service with batching off (max batch 1)
    at ``--unbatched-concurrency``, and the batched service once more at that concurrency.
-   Batching off is compared with the mean of the batched readings just before and just
-   after it, for the same reason as the model alone: the two services run minutes apart.
+   Batching off is compared with the mean of the batched service's readings at that
+   concurrency before and after it (the first within a minute or two), for the same reason
+   as the model alone: otherwise the two services run minutes apart.
 4. Prints req/s, p50/p95/p99 latency, the service's memory, the CPU time per request of all
    its processes, the mean batch size and the share of wall time the inference threads
    spent in forward passes (mean over workers; near 100%: the model is the bottleneck), and
@@ -385,7 +386,7 @@ def main() -> None:
     if off and on_before and on_after:
         batched = (on_before["rps"] + on_after["rps"]) / 2
         gain = batched / off["rps"]
-        print(f"  c={off_level} batched ({batched:.1f} req/s, mean of the readings just before "
+        print(f"  c={off_level} batched ({batched:.1f} req/s, mean of its readings before "
               f"and after batching off) vs batching off ({off['rps']:.1f} req/s): "
               f"{gain:.2f}x (target >= 2x): {'met' if gain >= 2 else 'NOT met'}")
     if c1:
