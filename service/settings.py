@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Resolved from the package, not the working directory, so `python -m service` serves the
 # repository's default model wherever it is started from.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO_ROOT / "models" / "cifar10-resnet20-gregplus"
+DEFAULT_BUNDLE = REPO_ROOT / "models" / "cifar10-resnet56-gregplus"
 
 
 def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -14,11 +14,14 @@ from training.bundle import BundleError, export_bundle, load_bundle
 from training.calibration import (calibrate, calibrate_score, is_ood, quantile_table,
                                   threshold_for_tpr)
 from training.cli import main as cli_main
+from training.config import ConfigError
 from training.data.archives import file_sha256
+from training.data.sources import open_dataset
 from training.evaluation import score_batch, score_dataset
 from training.models import build_model, load_weights
 from training.pipeline import export_run
 from training.trainer import train
+from training.weight_interpolation import interpolate_states
 
 from conftest import RESNET20, SHARED, make_bundle, tiny_config
 
@@ -205,7 +208,6 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
     # training's weights and the bundle give identical scores for the same images
     trained = build_model("resnet20", num_classes=10)
     load_weights(trained, tmp_path / "run" / "model.safetensors")
-    from training.data.sources import open_dataset
     images = open_dataset(str(tiny_data["id"]), labeled=True,
                           transform=m.preprocessing.eval_transform())
     a = score_dataset(trained.eval(), images, torch.device("cpu"), taps=m.taps)
@@ -215,6 +217,36 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
     report = json.loads((out / "report.json").read_text())
     acc = report["models"]["this model"]["id_accuracy"]
     assert acc == pytest.approx(float((a["pred"] == a["label"]).mean()))
+
+
+def test_export_interpolation_exports_and_evaluates_the_mixed_weights(tiny_data, tmp_path):
+    cfg = tiny_config(
+        tiny_data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2",
+        "optim.lr=0.05", f"evaluation.id_test={tiny_data['id']}",
+        "evaluation.ood={noise: 'synthetic:uniform:16'}", "evaluation.profile_ood=noise",
+        "evaluation.selection_images=16", "evaluation.baselines={}",
+        f"export.dir={tmp_path / 'bundle'}", "export.interpolation=0.5")
+    train(cfg)
+    out = export_run(cfg)
+    start, run = build_model("resnet20", num_classes=10), build_model("resnet20", num_classes=10)
+    load_weights(start, RESNET20)
+    load_weights(run, tmp_path / "run" / "model.safetensors")
+    want = interpolate_states(start.state_dict(), run.state_dict(), 0.5)
+    bundle = load_bundle(out)
+    got = bundle.model.state_dict()
+    assert not torch.equal(want["linear.weight"], run.state_dict()["linear.weight"])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert bundle.manifest.training["export"]["interpolation"] == 0.5
+    assert "0.5 x `" in (out / "report.md").read_text()
+    # the report's accuracy is the mixed model's
+    images = open_dataset(str(tiny_data["id"]), labeled=True,
+                          transform=bundle.manifest.preprocessing.eval_transform())
+    s = score_dataset(bundle.model, images, torch.device("cpu"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["this model"]["id_accuracy"] == pytest.approx(
+        float((s["pred"] == s["label"]).mean()))
+    with pytest.raises(ConfigError, match="set model.pretrained"):
+        tiny_config(tiny_data, tmp_path / "x", "model.pretrained=null", "export.interpolation=0.5")
 
 
 def test_calibrate_score_records_direction_and_count():

@@ -44,7 +44,7 @@ def test_settings_from_env_and_dotenv(tmp_path, monkeypatch):
     s = Settings(_env_file=dotenv)
     assert (s.max_batch_size, s.device, s.port) == (7, "cpu", 9100)
     assert Settings(_env_file=None).bundle == DEFAULT_BUNDLE
-    assert DEFAULT_BUNDLE == REPO_ROOT / "models" / "cifar10-resnet20-gregplus"
+    assert DEFAULT_BUNDLE == REPO_ROOT / "models" / "cifar10-resnet56-gregplus"
 
 
 def test_workers_share_out_the_cores(monkeypatch):

@@ -119,6 +119,10 @@ class ExportConfig(_Section):
     name: str | None = Field(None, description="model name; default the run directory's name")
     version: str = "1.0.0"
     notice: str | None = Field(None, description="licence notice file copied into the bundle")
+    interpolation: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="bundle weights = (1 - a) * model.pretrained + a * the run's weights "
+                    "(WiSE-FT; training.weight_interpolation); null: the run's weights")
 
 
 class RunConfig(_Section):
@@ -140,6 +144,9 @@ class RunConfig(_Section):
         if self.loss.mode == "greg+" and self.sampler.pool_size < self.outliers_per_step:
             raise ValueError(f"sampler.pool_size ({self.sampler.pool_size}) must be at least the "
                              f"{self.outliers_per_step} outliers picked per step")
+        if self.export.interpolation is not None and not self.model.pretrained:
+            raise ValueError("export.interpolation mixes the run's weights with "
+                             "model.pretrained: set model.pretrained")
         return self
 
     @property

@@ -11,7 +11,9 @@ steps, each on data the previous ones did not touch:
    model and for each baseline (e.g. the network before fine-tuning), each baseline with its
    own selected block; the calibrated thresholds' operating point on the test sets.
 4. **Export**: weights, manifest, report (JSON, Markdown, SVG figures), README and licence
-   notice in one bundle directory.
+   notice in one bundle directory. With ``export.interpolation`` the weights that are
+   evaluated and exported are the run's mixed with its starting weights
+   (:mod:`training.weight_interpolation`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from training.data.archives import source_provenance
 from training.data.sampling import stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
-from training.models import build_model, load_weights
+from training.models import build_model, load_state, load_weights
 from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
     operating_point
 from training.runtime import select_device
+from training.weight_interpolation import interpolate_states
 
 RESULT_NAME = "this model"
 
@@ -105,6 +108,10 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         return model.to(device).eval()
 
     model = load(weights)
+    if cfg.export.interpolation is not None:
+        start = load(cfg.model.pretrained).state_dict()
+        mixed = interpolate_states(start, model.state_dict(), cfg.export.interpolation)
+        load_state(model, mixed, source=f"{cfg.model.pretrained} x {weights}")
     result = evaluate_model(RESULT_NAME, model, **kw)
     sel = result.selected_block
     val_scores = score_dataset(model, val, device, taps=[sel],
@@ -128,6 +135,9 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
              f"TPR {ev.tpr:g}.",
              "Baselines: " + (", ".join(f"{n} = `{p}`" for n, p in ev.baselines.items())
                               or "none")]
+    if (a := cfg.export.interpolation) is not None:
+        notes.append(f"Weights of this model: {1 - a:g} x `{cfg.model.pretrained}` + {a:g} x "
+                     f"`{weights}` (export.interpolation: weight-space interpolation, WiSE-FT)")
     md = markdown([result, *baselines], f"Evaluation of {name}", notes)
     md += "\n## Calibrated thresholds on the test sets\n\n| score | threshold | ID TPR % | " \
           + " | ".join(f"{s} FPR %" for s in ev.ood) + " |\n|---|---|---|" \
