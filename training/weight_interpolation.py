@@ -1,8 +1,9 @@
 """Weight-space interpolation between a run's starting weights and its fine-tuned weights.
 
-Why: GReg+ fine-tuning buys OOD separation with ID accuracy, and the learning rate is the
-only knob the loss gives for that trade: too gentle and the OOD sets are not separated, too
-strong and accuracy falls (README, "The default model"). Interpolating the two weight sets,
+Why: GReg+ fine-tuning buys OOD separation with ID accuracy, and the learning rate, the
+knob a recipe usually turns for that trade, is a coarse one that costs a training run per
+setting: too gentle and the OOD sets are not separated, too strong and accuracy falls
+(README, "The default model"). Interpolating the two weight sets,
 ``(1 - alpha) * start + alpha * fine_tuned`` (WiSE-FT: Wortsman et al., "Robust fine-tuning
 of zero-shot models", CVPR 2022), turns that trade into one continuous knob that is set after
 training, costs nothing at serving time (the bundle holds one set of weights) and needs no
