@@ -219,25 +219,38 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
     assert acc == pytest.approx(float((a["pred"] == a["label"]).mean()))
 
 
-def test_export_interpolation_exports_and_evaluates_the_mixed_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("soup", [False, True], ids=["run", "soup"])
+def test_export_interpolation_exports_and_evaluates_the_mixed_weights(tiny_data, tmp_path, soup):
+    other = tmp_path / "other.safetensors"  # another "run" of the same network
+    torch.manual_seed(1)
+    save_file(build_model("resnet20", num_classes=10).state_dict(), str(other))
     cfg = tiny_config(
         tiny_data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2",
         "optim.lr=0.05", f"evaluation.id_test={tiny_data['id']}",
         "evaluation.ood={noise: 'synthetic:uniform:16'}", "evaluation.profile_ood=noise",
         "evaluation.selection_images=16", "evaluation.baselines={}",
-        f"export.dir={tmp_path / 'bundle'}", "export.interpolation=0.5")
+        f"export.dir={tmp_path / 'bundle'}", "export.interpolation=0.5",
+        *([f"export.average_with=[{other}]"] if soup else []))
     train(cfg)
     out = export_run(cfg)
     start, run = build_model("resnet20", num_classes=10), build_model("resnet20", num_classes=10)
     load_weights(start, RESNET20)
     load_weights(run, tmp_path / "run" / "model.safetensors")
-    want = interpolate_states(start.state_dict(), run.state_dict(), 0.5)
+    end = {k: v.clone() for k, v in run.state_dict().items()}
+    if soup:
+        load_weights(run, other)
+        end = {k: (v.double() + run.state_dict()[k].double()).div(2).to(v.dtype)
+               if v.is_floating_point() else v for k, v in end.items()}
+    want = interpolate_states(start.state_dict(), end, 0.5)
     bundle = load_bundle(out)
     got = bundle.model.state_dict()
-    assert not torch.equal(want["linear.weight"], run.state_dict()["linear.weight"])
+    assert not torch.equal(want["linear.weight"], end["linear.weight"])
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert bundle.manifest.training["export"]["interpolation"] == 0.5
-    assert "0.5 x `" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "0.5 x `" in md
+    assert ("export.average_with: a model soup" in md) == soup
+    assert ("average_with[0]" in bundle.manifest.provenance) == soup
     # the report's accuracy is the mixed model's
     images = open_dataset(str(tiny_data["id"]), labeled=True,
                           transform=bundle.manifest.preprocessing.eval_transform())
@@ -247,6 +260,30 @@ def test_export_interpolation_exports_and_evaluates_the_mixed_weights(tiny_data,
         float((s["pred"] == s["label"]).mean()))
     with pytest.raises(ConfigError, match="set model.pretrained"):
         tiny_config(tiny_data, tmp_path / "x", "model.pretrained=null", "export.interpolation=0.5")
+
+
+def test_average_command_writes_the_mean_of_weights_files(tmp_path, capsys):
+    states = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        states.append(build_model("resnet20", num_classes=10).state_dict())
+        save_file(states[-1], str(tmp_path / f"w{seed}.safetensors"))
+    files = [str(tmp_path / f"w{seed}.safetensors") for seed in (1, 2, 3)]
+    out = tmp_path / "soup" / "mean.safetensors"
+    assert cli_main(["average", *files, "--out", str(out)]) == 0
+    model = build_model("resnet20", num_classes=10)
+    load_weights(model, out)
+    key = "layer2.1.conv1.weight"
+    torch.testing.assert_close(model.state_dict()[key], sum(s[key] for s in states) / 3)
+    capsys.readouterr()
+    assert cli_main(["average", files[0], "--out", str(out)]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert cli_main(["average", *files, "--out", str(tmp_path / "mean.pt")]) == 2
+    assert "safetensors" in capsys.readouterr().err
+    torch.manual_seed(4)
+    save_file(build_model("resnet20", num_classes=100).state_dict(), str(tmp_path / "c100.safetensors"))
+    assert cli_main(["average", files[0], str(tmp_path / "c100.safetensors"), "--out", str(out)]) == 2
+    assert "linear.weight: shape" in capsys.readouterr().err
 
 
 def test_calibrate_score_records_direction_and_count():

@@ -1,10 +1,11 @@
-"""Weight-space interpolation (WiSE-FT) between a run's starting and fine-tuned weights."""
+"""Weight-space interpolation (WiSE-FT) between a run's starting and fine-tuned weights, and
+uniform averages of weight sets (model soups)."""
 
 import pytest
 import torch
 
 from training.models import build_model
-from training.weight_interpolation import interpolate_states
+from training.weight_interpolation import average_states, interpolate_states
 
 
 def _two_states():
@@ -49,3 +50,29 @@ def test_weight_sets_of_different_networks_or_a_bad_alpha_are_refused():
         interpolate_states({k: v for k, v in start.items() if k != "linear.bias"}, end, 0.5)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         interpolate_states(start, end, 1.5)
+
+
+def test_average_is_the_mean_of_every_float_tensor_and_of_two_the_midpoint():
+    start, end = _two_states()
+    torch.manual_seed(1)
+    third = build_model("resnet20", num_classes=10).state_dict()
+    got = average_states([start, end, third])
+    for name, value in got.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (start[name] + end[name] + third[name]) / 3)
+        else:
+            assert torch.equal(value, third[name])
+    two = average_states([start, end])
+    half = interpolate_states(start, end, 0.5)
+    assert all(torch.equal(two[k], half[k]) for k in half)
+    one = average_states([end])
+    assert all(torch.equal(one[k], end[k]) for k in end)
+
+
+def test_averaging_nothing_or_weight_sets_of_different_networks_is_refused():
+    start, end = _two_states()
+    with pytest.raises(ValueError, match="at least one"):
+        average_states([])
+    other = build_model("resnet20", num_classes=100).state_dict()
+    with pytest.raises(ValueError, match="linear.weight: shape .* in weight set 2 vs"):
+        average_states([start, other, end])

@@ -6,6 +6,8 @@ Commands:
 * ``build --config FILE [overrides]``: train (or resume), then ``export``.
 * ``export --config FILE [overrides]``: from a finished run, select the FeatureNorm block,
   calibrate thresholds, evaluate and write the bundle (:mod:`training.pipeline`).
+* ``average WEIGHTS WEIGHTS ... --out FILE``: the uniform mean of weights files of one
+  network (:func:`training.weight_interpolation.average_states`), written as safetensors.
 * ``evaluate --bundle DIR | --config FILE [--weights FILE]  [--id SOURCE] --ood NAME=SOURCE
   ... [--out DIR]``: ID accuracy and OOD metrics (FPR95, AUROC, AUPR-In/Out, ID positive) of
   MSP, MaxLogit, energy and FeatureNorm (selected and last block), as a Markdown table, and
@@ -57,6 +59,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     train(load_config(args.config, args.overrides), restart=args.restart)
     return cmd_export(args)
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from training.models.registry import read_state_dict
+    from training.weight_interpolation import average_states
+
+    if len(args.weights) < 2:
+        raise ConfigError("give at least two weights files to average")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: the average is written as safetensors; name it *.safetensors")
+    soup = average_states([read_state_dict(w) for w in args.weights])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in soup.items()}, str(out))
+    print(f"mean of {len(args.weights)} weight sets: {out}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -145,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "build":
             p.add_argument("--restart", action="store_true", help="discard a checkpoint")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("average", help="the uniform mean of weights files of one network "
+                       "(a model soup), e.g. as the next stage's model.pretrained")
+    p.add_argument("weights", nargs="+", help="weights files (safetensors or torch)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("evaluate", help="accuracy and OOD metrics of a bundle or weights")
     p.add_argument("--bundle", help="a bundle directory (its model, block and preprocessing)")

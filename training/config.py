@@ -123,6 +123,10 @@ class ExportConfig(_Section):
         None, ge=0.0, le=1.0,
         description="bundle weights = (1 - a) * model.pretrained + a * the run's weights "
                     "(WiSE-FT; training.weight_interpolation); null: the run's weights")
+    average_with: list[str] = Field(
+        default_factory=list,
+        description="weights of other runs of the same network, averaged uniformly with this "
+                    "run's (a model soup) before export.interpolation; empty: this run's alone")
 
 
 class RunConfig(_Section):

@@ -11,8 +11,9 @@ steps, each on data the previous ones did not touch:
    model and for each baseline (e.g. the network before fine-tuning), each baseline with its
    own selected block; the calibrated thresholds' operating point on the test sets.
 4. **Export**: weights, manifest, report (JSON, Markdown, SVG figures), README and licence
-   notice in one bundle directory. With ``export.interpolation`` the weights that are
-   evaluated and exported are the run's mixed with its starting weights
+   notice in one bundle directory. With ``export.average_with`` the weights that are
+   evaluated and exported are the mean of the run's and those other runs'; with
+   ``export.interpolation`` they are then mixed with the run's starting weights
    (:mod:`training.weight_interpolation`).
 """
 
@@ -38,7 +39,7 @@ from training.models import build_model, load_state, load_weights
 from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
     operating_point
 from training.runtime import select_device
-from training.weight_interpolation import interpolate_states
+from training.weight_interpolation import average_states, interpolate_states
 
 RESULT_NAME = "this model"
 
@@ -108,6 +109,10 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         return model.to(device).eval()
 
     model = load(weights)
+    if cfg.export.average_with:
+        soup = average_states([load(p).state_dict() for p in cfg.export.average_with]
+                              + [model.state_dict()])
+        load_state(model, soup, source=f"the mean of {weights} and export.average_with")
     if cfg.export.interpolation is not None:
         start = load(cfg.model.pretrained).state_dict()
         mixed = interpolate_states(start, model.state_dict(), cfg.export.interpolation)
@@ -135,9 +140,13 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
              f"TPR {ev.tpr:g}.",
              "Baselines: " + (", ".join(f"{n} = `{p}`" for n, p in ev.baselines.items())
                               or "none")]
+    end = f"`{weights}`"
+    if cfg.export.average_with:
+        end = "the mean of " + ", ".join(f"`{p}`" for p in [weights, *cfg.export.average_with])
+        notes.append(f"Fine-tuned weights: {end} (export.average_with: a model soup)")
     if (a := cfg.export.interpolation) is not None:
         notes.append(f"Weights of this model: {1 - a:g} x `{cfg.model.pretrained}` + {a:g} x "
-                     f"`{weights}` (export.interpolation: weight-space interpolation, WiSE-FT)")
+                     f"{end} (export.interpolation: weight-space interpolation, WiSE-FT)")
     md = markdown([result, *baselines], f"Evaluation of {name}", notes)
     md += "\n## Calibrated thresholds on the test sets\n\n| score | threshold | ID TPR % | " \
           + " | ".join(f"{s} FPR %" for s in ev.ood) + " |\n|---|---|---|" \
@@ -171,6 +180,8 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         "training": cfg.model_dump(mode="json"),
         "provenance": {**source_provenance({"train": cfg.data.train, "aux": cfg.data.aux,
                                       "pretrained": cfg.model.pretrained,
+                                      **{f"average_with[{i}]": w for i, w in
+                                         enumerate(cfg.export.average_with)},
                                       "id_test": ev.id_test, **ev.ood}),
                        "val_indices_count": len(val_idx), "command": command,
                        "environment": {"torch": torch.__version__,
