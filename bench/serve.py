@@ -275,6 +275,7 @@ def run_load(image_dir: Path, port: int, level: int, warmup: float, duration: fl
 
 
 def main() -> None:
+    from service.allocator import tune_malloc
     from service.settings import DEFAULT_BUNDLE, Settings, available_cores
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -307,9 +308,12 @@ def main() -> None:
     workers = Settings(_env_file=None, workers=args.workers).resolved_workers(
         cuda=torch.cuda.is_available())
     max_batch = Settings(_env_file=None).max_batch_size
+    # The model alone gets the allocator settings the service's workers get (the server
+    # inherits this environment, OODSERVE_TUNE_MALLOC included).
+    malloc = "tuned" if Settings(_env_file=None).tune_malloc and tune_malloc() else "default"
     images = read_images(args.data, args.images)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, "
+          f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, malloc {malloc}, "
           f"model alone on {args.threads} torch threads; service: {workers} worker(s) "
           f"(OODSERVE_WORKERS={args.workers}), "
           f"torch threads {args.server_threads or 'default'}; bundle {args.bundle}; "

@@ -36,7 +36,8 @@ class Engine:
         self.manifest = bundle.manifest
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version)
         self.predictor = Predictor(bundle, settings.device, settings.half,
-                                   settings.max_batch_size, settings.resolved_torch_threads())
+                                   settings.max_batch_size, settings.resolved_torch_threads(),
+                                   settings.tune_malloc)
         self.metrics = Metrics(self.manifest, str(self.predictor.device),
                                self.predictor.dtype_name)
         self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
@@ -54,10 +55,11 @@ class Engine:
     def start(self) -> None:
         self.batcher.start()
         log.info("serving %s %s from %s on %s (%s), batches of up to %d within %.1f ms, "
-                 "%d torch threads", self.manifest.name, self.manifest.version,
+                 "%d torch threads%s", self.manifest.name, self.manifest.version,
                  self.bundle.path, self.predictor.device, self.predictor.dtype_name,
                  self.settings.max_batch_size, self.settings.max_batch_delay_ms,
-                 self.settings.resolved_torch_threads())
+                 self.settings.resolved_torch_threads(),
+                 ", malloc thresholds set" if self.predictor.malloc_tuned else "")
 
     async def warm_up(self) -> None:
         sizes = sorted({1, self.settings.max_batch_size})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service import allocator
 from training.bundle import Bundle
 from training.evaluation import score_batch
 from training.runtime import select_device
@@ -37,11 +38,13 @@ class ImageScores:
 
 class Predictor:
     def __init__(self, bundle: Bundle, device: str, half: bool, max_batch_size: int,
-                 torch_threads: int):
+                 torch_threads: int, tune_malloc: bool = True):
         self.device = select_device(device)
+        self.malloc_tuned = False
         if self.device.type == "cpu":
             # Set, not inherited: the default may oversubscribe cores shared with decoding.
             torch.set_num_threads(torch_threads)
+            self.malloc_tuned = tune_malloc and allocator.tune_malloc()
         if half and self.device.type != "cuda":
             log.warning("OODSERVE_HALF is ignored on the CPU; serving in float32")
         self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32

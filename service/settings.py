@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     decode_workers: int | None = Field(
         None, ge=1, le=64, description="image decoding threads per worker; default: "
                                        "min(4, that share)")
+    tune_malloc: bool = Field(
+        True, description="glibc malloc thresholds that keep batched forward passes on the "
+                          "CPU from returning memory to the kernel after every operator "
+                          "(service/allocator.py)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0,
