@@ -15,7 +15,10 @@ ResNet-56 bundle through :class:`service.inference.Predictor`, one torch thread,
 each: a batch of 8 cost 2.45-2.59 ms per image with the thresholds below against
 2.66-2.82 ms without; a single image 4.43-4.61 ms against 4.52-4.94 ms. Setting only one of
 the two made things worse (batch of 8: 3.00-3.40 ms, or 3.78-5.34 ms), because setting
-either turns glibc's adjustment of both off; so both are set, or neither.
+either turns glibc's adjustment of both off; so both are set, or neither. In the service,
+whose warm-up already runs a full batch, batches of 8 gained nothing measurable, larger ones
+did: at concurrency 64 (batches of about 16) 8-22% more requests per second, and the model
+alone at batch 32 38-50% more images (README, A/B runs of ``bench/serve.py``).
 
 The thresholds are process-wide, so :func:`tune_malloc` is called once per worker before
 the model is warmed up. It changes nothing when ``MALLOC_MMAP_THRESHOLD_`` or

@@ -71,7 +71,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         raise ConfigError("give at least two weights files to average")
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise ConfigError(f"--out {out}: the average is written as safetensors; name it *.safetensors")
+        raise ConfigError(f"--out {out}: the average is written as safetensors; "
+                          "name it *.safetensors")
     soup = average_states([read_state_dict(w) for w in args.weights])
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in soup.items()}, str(out))

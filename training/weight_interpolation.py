@@ -16,8 +16,8 @@ Averaging (Wortsman et al., "Model soups: averaging weights of multiple fine-tun
 improves accuracy without increasing inference time", ICML 2022) is the same idea with more
 than two ends: fine-tuning runs of one network from nearby starting points land in one basin
 of the loss, where their mean is usually more accurate than each run, again at no serving
-cost. The default model uses both (README, "The default model"): its starting point is the
-mean of two cross-entropy cycles, its fine-tuned end the mean of GReg+ runs.
+cost. The README's model-soup experiment ("The default model") uses both: its starting point
+is the mean of two cross-entropy cycles, its fine-tuned end the mean of three GReg+ runs.
 
 BatchNorm running statistics are mixed like the parameters, as WiSE-FT and the soups do;
 integer buffers (BatchNorm's step counters) are taken from the last weight set.
