@@ -307,10 +307,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     workers = Settings(_env_file=None, workers=args.workers).resolved_workers(
         cuda=torch.cuda.is_available())
-    max_batch = Settings(_env_file=None).max_batch_size
+    defaults = Settings(_env_file=None)
+    max_batch = defaults.max_batch_size
     # The model alone gets the allocator settings the service's workers get (the server
     # inherits this environment, OODSERVE_TUNE_MALLOC included).
-    malloc = "tuned" if Settings(_env_file=None).tune_malloc and tune_malloc() else "default"
+    malloc = "tuned" if defaults.tune_malloc and tune_malloc() else "default"
     images = read_images(args.data, args.images)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, malloc {malloc}, "
