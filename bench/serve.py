@@ -140,6 +140,7 @@ class ModelAlone:
         import torch
         from PIL import Image
 
+        from service.inference import memory_format_for
         from training.bundle import load_bundle
         from training.data.folders import load_rgb
 
@@ -149,7 +150,9 @@ class ModelAlone:
         x = torch.stack([transform(load_rgb(Image.open(io.BytesIO(b)))) for b in images])
         while len(x) < batch_size:
             x = torch.cat([x, x])
-        self.model, self.x, self.batch_size = bundle.model, x, batch_size
+        layout = memory_format_for(torch.device("cpu"))  # the service's, on the same device
+        self.model = bundle.model.to(memory_format=layout)
+        self.x, self.batch_size = x.contiguous(memory_format=layout), batch_size
         self.taps = [m.featurenorm.selected_block]
 
     def measure(self, duration: float) -> dict:

@@ -36,6 +36,17 @@ class ImageScores:
     featurenorm: float
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """The layout the model and its input batches take on ``device``. NHWC ("channels last")
+    on the CPU: oneDNN's convolutions then read and write the activations as they are,
+    instead of reordering each one's input to their blocked layout and its output back,
+    which took 13-15% of the time per image at batches of 8-16 here (README, Benchmarks
+    (service)). The sums run in another order than training's evaluation (NCHW), so scores
+    may differ from it in the last float32 digits, as batches of other sizes already do.
+    CUDA keeps the default: no GPU has measured the difference."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 class Predictor:
     def __init__(self, bundle: Bundle, device: str, half: bool, max_batch_size: int,
                  torch_threads: int, tune_malloc: bool = True):
@@ -48,7 +59,9 @@ class Predictor:
         if half and self.device.type != "cuda":
             log.warning("OODSERVE_HALF is ignored on the CPU; serving in float32")
         self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
-        self.model = bundle.model.to(self.device, self.dtype).eval()
+        self.memory_format = memory_format_for(self.device)
+        self.model = bundle.model.to(self.device, self.dtype,
+                                     memory_format=self.memory_format).eval()
         self.block = bundle.manifest.featurenorm.selected_block
         size = bundle.manifest.preprocessing.input_size
         # Pinned host memory lets the host-to-GPU copy run asynchronously.
@@ -84,7 +97,8 @@ class Predictor:
             batch = torch.stack(images, out=self._staging[:len(images)])
         else:
             batch = torch.stack(images)
-        batch = batch.to(self.device, self.dtype, non_blocking=True)
+        batch = batch.to(self.device, self.dtype, non_blocking=True,
+                         memory_format=self.memory_format)
         out = score_batch(self.model, batch, [self.block])
         probabilities = torch.softmax(out["logits"], dim=1)
         ranking = torch.argsort(probabilities, dim=1, descending=True, stable=True)
