@@ -13,7 +13,7 @@ from service_helpers import encode, noise_image, serve, settings
 
 from training.bundle import load_bundle
 from training.data.folders import UnlabeledImageFolder
-from training.evaluation import score_dataset
+from training.evaluation import score_batch, score_dataset
 
 pytestmark = pytest.mark.anyio
 
@@ -72,3 +72,25 @@ async def test_service_scores_equal_training_evaluation(tiny_bundle, image_folde
     np.testing.assert_allclose([r["probability"] for r in served], evaluation["msp"],
                                rtol=RTOL)
     assert [r["class_index"] for r in served] == evaluation["pred"].tolist()
+
+
+def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundle):
+    """On the CPU the served model and its batches are NHWC (a speed choice, see
+    service.inference.memory_format_for); training's evaluation runs NCHW. The scores must
+    still agree, at one image and at a batch."""
+    from service.inference import Predictor
+
+    predictor = Predictor(load_bundle(tiny_bundle), "cpu", False, 8, 1)
+    convs = [m.weight for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    bundle = load_bundle(tiny_bundle)  # a fresh copy, in the default layout
+    block = bundle.manifest.featurenorm.selected_block
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    want = score_batch(bundle.model.eval(), images, [block])
+    for batch in (images[:1], images):
+        got = predictor(list(batch))
+        np.testing.assert_allclose([s.energy for s in got], want["energy"][:len(batch)],
+                                   rtol=RTOL)
+        np.testing.assert_allclose([s.featurenorm for s in got],
+                                   want[f"featurenorm/{block}"][:len(batch)], rtol=RTOL)
+        assert [s.pred for s in got] == want["pred"][:len(batch)].tolist()
