@@ -53,6 +53,23 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_data, tmp_path):
     assert digest(resumed.model.state_dict().items()) == digest(straight.model.state_dict().items())
 
 
+def test_bf16_on_the_cpu_is_opt_in_and_keeps_float32_weights(tiny_data, tmp_path):
+    assert prepare(tiny_config(tiny_data, tmp_path / "a")).runtime.amp_dtype is None  # auto
+    cfg = tiny_config(tiny_data, tmp_path / "b", "train.amp=bf16", "train.epochs=1",
+                      "train.max_steps_per_epoch=2")
+    trainer = Trainer(prepare(cfg))
+    assert trainer.rt.amp_dtype == torch.bfloat16
+    with trainer.rt.autocast():
+        assert trainer.model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()  # GReg+: the gradient penalty's double backward runs under autocast too
+    after = trainer.model.state_dict()
+    floats = [k for k, v in after.items() if v.is_floating_point()]
+    assert all(after[k].dtype == before[k].dtype == torch.float32 for k in floats)
+    assert all(torch.isfinite(after[k]).all() for k in floats)
+    assert any(not torch.equal(after[k], before[k]) for k in floats)
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "c", "train.epochs=1", "train.max_steps_per_epoch=1")
     trainer = Trainer(prepare(cfg))

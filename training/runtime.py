@@ -52,9 +52,15 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def select_amp(requested: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only on CUDA: bf16 where supported (no loss scaling), else fp16."""
-    if requested == "off" or device.type != "cuda":
+    """Mixed precision. On CUDA, ``auto`` is bf16 where supported (no loss scaling), else
+    fp16. On the CPU only an explicit ``bf16`` turns it on: on a CPU with AMX (Intel Xeon
+    since Sapphire Rapids) a ResNet-56 training step at batch 128 took 313 ms in bf16 against
+    527 ms in float32 (2 cores; README, Training), while CPUs without bf16 units only get
+    slower, so ``auto`` keeps float32 there. fp16 on the CPU is never used."""
+    if requested == "off":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if requested == "bf16" else None
     if requested == "fp16":
         return torch.float16
     if requested == "bf16" or torch.cuda.is_bf16_supported():
