@@ -53,10 +53,11 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
 
 def select_amp(requested: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision. On CUDA, ``auto`` is bf16 where supported (no loss scaling), else
-    fp16. On the CPU only an explicit ``bf16`` turns it on: on a CPU with AMX (Intel Xeon
-    since Sapphire Rapids) a ResNet-56 training step at batch 128 took 313 ms in bf16 against
-    527 ms in float32 (2 cores; README, Training), while CPUs without bf16 units only get
-    slower, so ``auto`` keeps float32 there. fp16 on the CPU is never used."""
+    fp16. On the CPU ``auto`` stays float32 and only an explicit ``bf16`` turns it on: with
+    AMX (Intel Xeon since Sapphire Rapids) a ResNet-56 training step at batch 128 took 313 ms
+    in bf16 against 527 ms in float32 (2 cores; README, Training), but CPUs without bf16
+    instructions have to convert, which is not expected to pay (not measured here). fp16 on
+    the CPU is never used."""
     if requested == "off":
         return None
     if device.type != "cuda":
