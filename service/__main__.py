@@ -68,21 +68,23 @@ def _load(settings: Settings):
 def main() -> None:
     settings = _settings()
     bundle = None
-    if settings.workers == 1:
+    if settings.workers == 1 and settings.layout == "replicated":
         bundle = _load(settings)
-        workers = 1
+        workers, layout = 1, "replicated"
     else:
         check = preflight_in_child(str(settings.bundle), settings.device)
         if check.problem is not None:
             sys.exit(f"oodserve: {check.problem}")
         workers = settings.resolved_workers(check.cuda)
+        layout = settings.resolved_layout(check.cuda)
 
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                "access_log": settings.access_log,
                "log_config": _log_config(settings.log_level)}
-    if workers > 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    engine = layout == "engine"
+    if workers > 1 or engine or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         _fresh_metrics_dir()
-    if workers == 1:  # `auto` on a GPU or a single core comes here without a bundle yet
+    if workers == 1 and not engine:  # `auto` on one core comes here without a bundle yet
         import uvicorn
 
         from service.app import create_app
@@ -92,8 +94,9 @@ def main() -> None:
         # The workers read their settings from the environment: give them the number.
         os.environ["OODSERVE_WORKERS"] = str(workers)
         logging.config.dictConfig(options["log_config"])
-        log.info("starting %d worker processes", workers)
-        sys.exit(run_workers(workers, options))
+        log.info("starting %d worker processes%s", workers,
+                 " and the engine process" if engine else "")
+        sys.exit(run_workers(workers, options, engine))
 
 
 if __name__ == "__main__":

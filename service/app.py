@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Security
 
@@ -27,6 +29,9 @@ from service.settings import Settings
 from training.bundle import Bundle, BundleError, load_bundle
 
 log = logging.getLogger("oodserve")
+
+# Internal, not a setting: the engine process's socket, for the workers of the engine layout.
+ENGINE_ADDRESS_ENV = "OODSERVE_ENGINE_ADDRESS"
 
 DESCRIPTION = """
 Image classification with two out-of-distribution (OOD) detectors computed from the same
@@ -41,10 +46,16 @@ they came from. Errors are `{"error": {"code": ..., "message": ...}}`.
 """
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
+               engine_address: Path | None = None) -> FastAPI:
     """The application for ``settings`` (default: from the environment). ``bundle`` may be
-    given already loaded (``python -m service`` checks it before starting uvicorn)."""
+    given already loaded (``python -m service`` checks it before starting uvicorn). With
+    ``engine_address`` (default: :data:`ENGINE_ADDRESS_ENV`, which :mod:`service.workers`
+    sets for its workers in the engine layout), images are scored by the engine process
+    listening there instead of a model in this process."""
     settings = settings or Settings()
+    if engine_address is None and os.environ.get(ENGINE_ADDRESS_ENV):
+        engine_address = Path(os.environ[ENGINE_ADDRESS_ENV])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,8 +64,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
         except BundleError as exc:
             log.error("cannot serve the bundle %s (OODSERVE_BUNDLE): %s", settings.bundle, exc)
             raise
-        engine = Engine(settings, loaded)
-        engine.start()
+        engine = Engine(settings, loaded, engine_address)
+        await engine.start()
         app.state.engine = engine
         warm_up = asyncio.create_task(engine.warm_up())
         try:

@@ -1,5 +1,10 @@
 """Everything a served bundle needs at run time, and the path of one image through it:
-bytes -> decoding thread -> batcher -> inference thread -> scores -> decisions -> response.
+bytes -> decoding thread -> scorer -> scores -> decisions -> response.
+
+The scorer is where images become scores, by layout (``OODSERVE_LAYOUT``): a
+:class:`LocalScorer` runs the model in this process (its own batcher and inference thread);
+an :class:`~service.engine_client.EngineClient` hands images to the engine process that all
+the workers share. Both answer :meth:`submit` with the same :class:`ImageScores`.
 """
 
 from __future__ import annotations
@@ -8,10 +13,12 @@ import asyncio
 import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from service.batcher import Batcher, QueueFull
 from service.bundle_check import BundleCheck
 from service.decoding import Decoder, ImageRejected
+from service.engine_client import EngineClient
 from service.errors import ServiceError
 from service.inference import ImageScores, Predictor
 from service.metrics import Metrics
@@ -25,26 +32,59 @@ from service.schemas import (
 from service.settings import Settings
 from service.thresholds import Policy, Threshold, resolve_policy
 from training.bundle import Bundle
+from training.runtime import select_device
 
 log = logging.getLogger("oodserve")
 
 
+class LocalScorer:
+    """The model in this process: a :class:`Predictor` behind a :class:`Batcher`."""
+
+    def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics):
+        cuda = select_device(settings.device).type == "cuda"
+        self.max_batch_size = settings.resolved_max_batch_size(cuda)
+        self.predictor = Predictor(bundle, settings.device, settings.precision,
+                                   self.max_batch_size, settings.resolved_torch_threads(),
+                                   settings.tune_malloc, settings.cuda_graphs)
+        self.device = str(self.predictor.device)
+        self.dtype_name = self.predictor.dtype_name
+        self.batcher: Batcher[ImageScores] = Batcher(
+            self.predictor, max_batch_size=self.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size, metrics=metrics)
+        self.preparing = self.batcher.preparing
+        self.submit = self.batcher.submit
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def warm_up(self) -> None:
+        sizes = sorted({1, self.max_batch_size})
+        await self.batcher.run_in_thread(lambda: self.predictor.warm_up(sizes))
+
+    def not_ready_reason(self) -> str | None:
+        return None
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+
 class Engine:
-    def __init__(self, settings: Settings, bundle: Bundle):
+    def __init__(self, settings: Settings, bundle: Bundle, engine_address: Path | None = None):
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version)
-        self.predictor = Predictor(bundle, settings.device, settings.half,
-                                   settings.max_batch_size, settings.resolved_torch_threads(),
-                                   settings.tune_malloc)
-        self.metrics = Metrics(self.manifest, str(self.predictor.device),
-                               self.predictor.dtype_name)
+        self.block = self.manifest.featurenorm.selected_block
+        self.metrics = Metrics(self.manifest)
+        if engine_address is None:
+            self.scorer: LocalScorer | EngineClient = LocalScorer(settings, bundle,
+                                                                  self.metrics)
+        else:
+            size = self.manifest.preprocessing.input_size
+            self.scorer = EngineClient(engine_address, settings.max_queue_size, (3, size, size),
+                                       len(self.manifest.classes))
         self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
-        self.batcher: Batcher[ImageScores] = Batcher(
-            self.predictor, max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_ms / 1000.0,
-            max_queue_size=settings.max_queue_size, metrics=self.metrics)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
                                                thread_name_prefix="oodserve-decode")
         self.default_policy = resolve_policy(self.manifest)
@@ -52,42 +92,44 @@ class Engine:
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, for /readyz
 
-    def start(self) -> None:
-        self.batcher.start()
-        log.info("serving %s %s from %s on %s (%s), batches of up to %d within %.1f ms, "
-                 "%d torch threads%s", self.manifest.name, self.manifest.version,
-                 self.bundle.path, self.predictor.device, self.predictor.dtype_name,
-                 self.settings.max_batch_size, self.settings.max_batch_delay_ms,
-                 self.settings.resolved_torch_threads(),
-                 ", malloc thresholds set" if self.predictor.malloc_tuned else "")
+    async def start(self) -> None:
+        await self.scorer.start()
+        self.metrics.describe_model(self.scorer.device, self.scorer.dtype_name)
+        where = ("in this process" if isinstance(self.scorer, LocalScorer)
+                 else f"in the engine process ({self.scorer.address})")
+        log.info("serving %s %s from %s on %s (%s) %s, batches of up to %d%s",
+                 self.manifest.name, self.manifest.version, self.bundle.path,
+                 self.scorer.device, self.scorer.dtype_name, where,
+                 self.scorer.max_batch_size,
+                 ", malloc thresholds set" if isinstance(self.scorer, LocalScorer)
+                 and self.scorer.predictor.malloc_tuned else "")
 
     async def warm_up(self) -> None:
-        sizes = sorted({1, self.settings.max_batch_size})
         try:
-            await self.batcher.run_in_thread(lambda: self.predictor.warm_up(sizes))
+            await self.scorer.warm_up()
         except Exception as exc:  # warm-up failures are reported by /readyz, not lost
             log.exception("warm-up failed")
             self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
             return
         # Everything alive now (torch, the model, the app) lives as long as the process.
         # Moving it out of the garbage collector's reach stops every full collection from
-        # walking it: measured here, that cut the p99 latency at concurrency 32 from about
-        # 300 ms to about 120 ms.
+        # walking it, which cut the tail latency under load (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
         await asyncio.to_thread(self.bundle_check.check)  # the first check hashes the weights
         self.ready = True
-        log.info("warmed up with batches of %s; ready", sizes)
+        log.info("warmed up; ready")
 
     async def not_ready_reason(self) -> str | None:
         """Why ``/readyz`` should answer 503, or None."""
         if not self.ready:
             return self.failure or "warming up"
-        return await asyncio.to_thread(self.bundle_check.check)
+        return self.scorer.not_ready_reason() or await asyncio.to_thread(
+            self.bundle_check.check)
 
     async def stop(self) -> None:
         self.ready = False
-        await self.batcher.stop()
+        await self.scorer.stop()
         self._decode_pool.shutdown(wait=True)
         self.metrics.mark_process_dead()
 
@@ -95,13 +137,13 @@ class Engine:
         """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made."""
         loop = asyncio.get_running_loop()
         try:
-            with self.batcher.preparing():
+            with self.scorer.preparing():
                 image = await loop.run_in_executor(self._decode_pool, self.decoder, data)
         except ImageRejected as exc:
             self.metrics.image_errors.labels(exc.code).inc()
             raise
         try:
-            scores = await self.batcher.submit(image)
+            scores = await self.scorer.submit(image)
         except QueueFull:
             raise ServiceError(503, "overloaded", "too many images are waiting; retry "
                                "shortly", headers={"Retry-After": "1"}) from None
@@ -131,7 +173,7 @@ class Engine:
             energy=DetectorResult(score=scores.energy, is_ood=energy_ood,
                                   **_threshold_fields(policy.energy)),
             featurenorm=FeatureNormResult(score=scores.featurenorm, is_ood=featurenorm_ood,
-                                          block=self.predictor.block,
+                                          block=self.block,
                                           **_threshold_fields(policy.featurenorm)),
             is_ood=combined, decision=policy.decision)
 

@@ -2,9 +2,20 @@
 
 Scores come from :func:`training.evaluation.score_batch` with the bundle's selected block as
 the only tap, so one forward pass yields the logits and that block's features, and the
-numbers are the ones training's evaluation computes for the same image. A :class:`Predictor`
-is only ever called from the batcher's single inference thread, which is what makes its
-pinned staging buffer safe to reuse.
+numbers are the ones training's evaluation computes for the same image. Everything an image's
+response needs (probabilities, class ranking, energy, FeatureNorm, prediction) is packed into
+two rows per image on the device, so that a batch comes back to the host in two copies.
+
+On CUDA the forward pass and the scores are captured as CUDA graphs during warm-up, one per
+batch size the batcher pads to (powers of two up to the largest batch): a ResNet-56 pass is
+about 170 small kernels, and launching them one by one from Python, not the arithmetic, set
+the pace (the model alone ran no faster in float16 than in float32). A batch of n images is
+run by the graph of the smallest captured size >= n; the rows past n hold whatever the last
+batch left there, and each image's scores depend on that image alone (BatchNorm in eval
+mode), so the padding is never read.
+
+A :class:`Predictor` is only ever called from one thread (the batcher's inference thread, or
+the engine process's), which is what makes its staging buffer and graphs safe to reuse.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ log = logging.getLogger("oodserve")
 # What "out of memory" looks like; a module attribute so that tests can inject their own.
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class ImageScores:
@@ -35,78 +48,170 @@ class ImageScores:
     energy: float
     featurenorm: float
 
+    @classmethod
+    def from_rows(cls, floats: list[float], ints: list[int]) -> ImageScores:
+        """From one image's packed rows (see :func:`row_widths`)."""
+        return cls(pred=ints[0], probabilities=floats[:-2], ranking=ints[1:],
+                   energy=floats[-2], featurenorm=floats[-1])
+
+
+def row_widths(num_classes: int) -> tuple[int, int]:
+    """Widths of an image's two packed rows: float32 ``[probabilities..., energy,
+    featurenorm]`` and int32 ``[pred, ranking...]``."""
+    return num_classes + 2, num_classes + 1
+
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """The layout the model and its input batches take on ``device``. NHWC ("channels last")
     on the CPU: oneDNN's convolutions then read and write the activations as they are,
-    instead of reordering each one's input to their blocked layout and its output back,
-    which took 13-15% of the time per image at batches of 8-16 here (README, Benchmarks
-    (service)). The sums run in another order than training's evaluation (NCHW), so scores
-    may differ from it in the last float32 digits, as batches of other sizes already do.
-    CUDA keeps the default: no GPU has measured the difference."""
+    instead of reordering each one's input to their blocked layout and its output back
+    (docs/benchmarks.md). The sums run in another order than training's evaluation (NCHW),
+    so scores may differ from it in the last float32 digits, as batches of other sizes
+    already do. CUDA keeps the default layout (docs/benchmarks.md, GPU)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
+def graph_sizes(max_batch_size: int) -> list[int]:
+    """Batch sizes captured as CUDA graphs: powers of two below the largest, and it. Padding
+    a batch to the next one wastes at most half a pass, on sizes that are cheap anyway."""
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_batch_size]
+
+
 class Predictor:
-    def __init__(self, bundle: Bundle, device: str, half: bool, max_batch_size: int,
-                 torch_threads: int, tune_malloc: bool = True):
+    def __init__(self, bundle: Bundle, device: str, precision: str, max_batch_size: int,
+                 torch_threads: int, tune_malloc: bool = True, cuda_graphs: bool = True):
         self.device = select_device(device)
         self.malloc_tuned = False
         if self.device.type == "cpu":
             # Set, not inherited: the default may oversubscribe cores shared with decoding.
             torch.set_num_threads(torch_threads)
             self.malloc_tuned = tune_malloc and allocator.tune_malloc()
-        if half and self.device.type != "cuda":
-            log.warning("OODSERVE_HALF is ignored on the CPU; serving in float32")
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+            if precision != "float32":
+                log.warning("OODSERVE_PRECISION=%s is for CUDA; serving in float32 on the CPU",
+                            precision)
+                precision = "float32"
+        else:
+            # float32 means float32: cuDNN's default TF32 convolutions keep 10 mantissa bits,
+            # which would move scores by about 1e-3 from training's evaluation; reduced
+            # precision is asked for by name (OODSERVE_PRECISION) and checked on its own.
+            torch.backends.cudnn.allow_tf32 = precision != "float32"
+            torch.backends.cuda.matmul.allow_tf32 = precision != "float32"
+        self.dtype = PRECISIONS[precision]
         self.memory_format = memory_format_for(self.device)
         self.model = bundle.model.to(self.device, self.dtype,
                                      memory_format=self.memory_format).eval()
         self.block = bundle.manifest.featurenorm.selected_block
+        self.max_batch_size = max_batch_size
         size = bundle.manifest.preprocessing.input_size
-        # Pinned host memory lets the host-to-GPU copy run asynchronously.
-        self._staging = (torch.empty((max_batch_size, 3, size, size), pin_memory=True)
-                         if self.device.type == "cuda" else None)
         self.input_shape = (3, size, size)
+        cuda = self.device.type == "cuda"
+        # Where batches are assembled on the host; pinned on CUDA so the copy to the device
+        # runs asynchronously (the engine process gathers images straight into it).
+        self.staging = torch.empty((max_batch_size, *self.input_shape), pin_memory=cuda)
+        widths = row_widths(len(bundle.manifest.classes))
+        self._out = (torch.empty((max_batch_size, widths[0]), pin_memory=cuda),
+                     torch.empty((max_batch_size, widths[1]), dtype=torch.int32,
+                                 pin_memory=cuda))
+        self.use_graphs = cuda and cuda_graphs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self._graph_input: torch.Tensor | None = None
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
     def __call__(self, images: list[torch.Tensor]) -> list[ImageScores]:
-        """Scores of ``images``, in order. A batch that runs out of GPU memory is split in
-        halves, recursively, each retried after emptying the CUDA cache; only a single
-        image that does not fit fails (and with it the batch's requests)."""
+        """Scores of ``images``, in order."""
+        torch.stack(images, out=self.staging[:len(images)])
+        floats, ints = self.run(len(images))
+        return [ImageScores.from_rows(*rows) for rows in zip(floats.tolist(), ints.tolist())]
+
+    def run(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed score rows (host tensors, valid until the next call) of the first ``n``
+        images in :attr:`staging`. A batch that runs out of GPU memory is split in halves,
+        recursively, each retried after emptying the CUDA cache; only a single image that
+        does not fit fails (and with it the batch's requests)."""
+        self._run_range(0, n)
+        return self._out[0][:n], self._out[1][:n]
+
+    def _run_range(self, start: int, stop: int) -> None:
         try:
-            return self._forward(images)
+            self._forward(start, stop)
+            return
         except OOM_ERRORS:
-            if len(images) == 1:
+            if stop - start == 1:
                 raise
         # Out of the except block, so that the failed attempt's tensors (held by the
         # traceback) are freed before the cache is emptied and the halves run.
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        half = len(images) // 2
+        middle = (start + stop) // 2
         log.warning("out of memory on a batch of %d images; retrying as %d + %d",
-                    len(images), half, len(images) - half)
-        return self(images[:half]) + self(images[half:])
+                    stop - start, middle - start, stop - middle)
+        self._run_range(start, middle)
+        self._run_range(middle, stop)
 
-    @torch.inference_mode()
-    def _forward(self, images: list[torch.Tensor]) -> list[ImageScores]:
-        if self._staging is not None:
-            batch = torch.stack(images, out=self._staging[:len(images)])
-        else:
-            batch = torch.stack(images)
-        batch = batch.to(self.device, self.dtype, non_blocking=True,
-                         memory_format=self.memory_format)
+    def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed rows of a device batch, computed on the device."""
         out = score_batch(self.model, batch, [self.block])
         probabilities = torch.softmax(out["logits"], dim=1)
         ranking = torch.argsort(probabilities, dim=1, descending=True, stable=True)
-        columns = (out["pred"], probabilities, ranking, out["energy"],
-                   out[f"featurenorm/{self.block}"])
-        return [ImageScores(*row) for row in zip(*(c.cpu().tolist() for c in columns))]
+        floats = torch.cat([probabilities, out["energy"][:, None],
+                            out[f"featurenorm/{self.block}"][:, None]], dim=1)
+        ints = torch.cat([out["pred"][:, None], ranking], dim=1).to(torch.int32)
+        return floats, ints
+
+    @torch.inference_mode()
+    def _forward(self, start: int, stop: int) -> None:
+        n, host = stop - start, self.staging[start:stop]
+        if self._graphs:
+            size = next(s for s in sorted(self._graphs) if s >= n)
+            graph, rows = self._graphs[size]
+            self._graph_input[:n].copy_(host, non_blocking=True)
+            graph.replay()
+        else:
+            batch = host.to(self.device, self.dtype, non_blocking=True,
+                            memory_format=self.memory_format)
+            rows = self._scores(batch)
+        for out, row in zip(self._out, rows):
+            out[start:stop].copy_(row[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def warm_up(self, batch_sizes: list[int]) -> None:
-        """Run dummy batches so the first requests do not pay for lazy initialisation."""
+        """Run dummy batches so the first requests do not pay for lazy initialisation; on
+        CUDA (unless turned off), capture the graphs instead."""
+        if self.use_graphs:
+            self._capture()
+            return
         for n in batch_sizes:
             self([torch.zeros(self.input_shape)] * n)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        sizes = sorted(graph_sizes(self.max_batch_size), reverse=True)
+        self._graph_input = torch.zeros((self.max_batch_size, *self.input_shape),
+                                        device=self.device, dtype=self.dtype).contiguous(
+            memory_format=self.memory_format)
+        # Eager passes first, on a side stream as graph capture wants: they pick cuDNN's
+        # algorithms and fill the caching allocator.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for n in sizes:
+                self._scores(self._graph_input[:n])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # One memory pool for all the graphs, largest first: they never run at once, and
+        # each one's outputs stay referenced, so no graph overwrites another's.
+        pool = torch.cuda.graph_pool_handle()
+        for n in sizes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                rows = self._scores(self._graph_input[:n])
+            self._graphs[n] = (graph, rows)
+        torch.cuda.synchronize(self.device)
+        log.info("captured CUDA graphs for batches of %s", sorted(self._graphs))

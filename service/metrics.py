@@ -55,7 +55,7 @@ def score_buckets(manifest: Manifest, detector: str) -> list[float]:
 
 
 class Metrics:
-    def __init__(self, manifest: Manifest, device: str, dtype: str):
+    def __init__(self, manifest: Manifest):
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = CollectorRegistry()
         r = self.registry
@@ -99,8 +99,14 @@ class Metrics:
             self.ood_decisions.labels(detector)
         for reason in IMAGE_ERROR_REASONS:
             self.image_errors.labels(reason)
-        self.model_info.labels(manifest.name, manifest.version, manifest.architecture.name,
-                               manifest.featurenorm.selected_block, device, dtype).set(1)
+        self._manifest = manifest
+
+    def describe_model(self, device: str, dtype: str) -> None:
+        """Set ``oodserve_model_info`` once the device is known (in the engine layout, a
+        worker learns it when it connects to the engine)."""
+        m = self._manifest
+        self.model_info.labels(m.name, m.version, m.architecture.name,
+                               m.featurenorm.selected_block, device, dtype).set(1)
 
     def render(self) -> bytes:
         if not self.multiprocess:

@@ -45,12 +45,23 @@ class Settings(BaseSettings):
     bundle: Path = Field(DEFAULT_BUNDLE, description="model bundle directory")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU")
-    half: bool = Field(False, description="float16 weights and inputs (CUDA only)")
+    precision: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="weights and activations on CUDA (the CPU serves float32); "
+                               "docs/benchmarks.md has the accept-rate check of each")
+    cuda_graphs: bool = Field(
+        True, description="capture the forward pass as CUDA graphs during warm-up, one per "
+                          "padded batch size (service/inference.py)")
+    layout: Literal["auto", "replicated", "engine"] = Field(
+        "auto", description="replicated: each worker process has its own model and "
+                            "batcher; engine: the workers do HTTP and decoding and hand "
+                            "images through shared memory to one process that owns the "
+                            "model and batches across them (service/engine_server.py); "
+                            "auto: engine on a GPU, replicated on the CPU")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        "auto", description="worker processes, each with its own model copy and batcher; "
-                            "auto: one per core on the CPU, one on a GPU")
+        "auto", description="HTTP worker processes; auto: one per core (replicated layout), "
+                            "one per core but one (engine layout: that one runs the model)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU per worker; default: the "
                                 "available cores shared out between the workers")
@@ -61,7 +72,9 @@ class Settings(BaseSettings):
         True, description="glibc malloc thresholds that keep batched forward passes on the "
                           "CPU from returning memory to the kernel after every operator "
                           "(service/allocator.py)")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="images per forward pass; default: 32 on the CPU, "
+                                         "256 on CUDA")
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0,
         description="longest time the oldest queued image waits for images still being "
@@ -94,14 +107,30 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 printable ASCII characters without spaces")
         return raw
 
+    def resolved_layout(self, cuda: bool) -> Literal["replicated", "engine"]:
+        """``layout``, with ``auto`` decided. On a GPU one Python process cannot keep up
+        with the device (HTTP, decoding and responses cost about 2 ms of CPU per request),
+        and a model copy per process costs a CUDA context each and splits the batches, so
+        the workers share one engine. On the CPU the forward pass itself needs the cores,
+        and the replicated layout measured faster (docs/benchmarks.md)."""
+        if self.layout != "auto":
+            return self.layout
+        return "engine" if cuda else "replicated"
+
     def resolved_workers(self, cuda: bool) -> int:
-        """``workers``, with ``auto`` decided: on the CPU one process per core, because one
-        process is held back by its GIL (HTTP, decoding and the dispatch of each operator of
-        the forward pass take turns on it) long before the cores are busy; on a GPU one
-        process, which keeps the whole batch on the device."""
+        """``workers``, with ``auto`` decided: one process per core, because one process is
+        held back by its GIL (HTTP, decoding, and in the replicated layout the dispatch of
+        each operator of the forward pass, take turns on it) long before the cores are
+        busy; in the engine layout one core is left to the engine."""
         if self.workers != "auto":
             return self.workers
-        return 1 if cuda else available_cores()
+        cores = available_cores()
+        return max(1, cores - 1) if self.resolved_layout(cuda) == "engine" else cores
+
+    def resolved_max_batch_size(self, cuda: bool) -> int:
+        """On CUDA a pass of 256 costs little more than one of 32 (graphs, docs/benchmarks.md);
+        on the CPU larger batches only add waiting."""
+        return self.max_batch_size or (256 if cuda else 32)
 
     def _cores_per_worker(self) -> int:
         # A process made by create_app directly, not by `python -m service`, is the only one.
@@ -112,6 +141,12 @@ class Settings(BaseSettings):
         """Each worker's share of the cores, so that workers x threads never oversubscribes
         them: an intra-op thread that loses its core stalls the whole forward pass."""
         return self.torch_threads or self._cores_per_worker()
+
+    def engine_torch_threads(self) -> int:
+        """The engine process's torch threads (they matter on the CPU only): the cores the
+        workers leave over, at least one."""
+        workers = self.workers if isinstance(self.workers, int) else 1
+        return self.torch_threads or max(1, available_cores() - workers)
 
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or min(4, self._cores_per_worker())

@@ -9,18 +9,24 @@ binds its own socket with ``SO_REUSEPORT`` and the kernel spreads new connection
 the sockets by a hash of their addresses.
 
 The supervisor (this process) starts the workers, starts a new one in place of any that
-dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or SIGINT passes the signal on and waits for the workers to finish the
-requests in flight (uvicorn's graceful shut-down). It imports neither torch nor the app.
+dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or
+SIGINT passes the signal on and waits for the workers to finish the requests in flight
+(uvicorn's graceful shut-down). In the engine layout it also runs the engine process
+(:mod:`service.engine_server`): first, before any worker, and last. It imports neither
+torch nor the app.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -46,8 +52,13 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(options: dict[str, Any]) -> None:
+def _worker(options: dict[str, Any], engine_address: str | None) -> None:
     import uvicorn
+
+    if engine_address is not None:
+        from service.app import ENGINE_ADDRESS_ENV
+
+        os.environ[ENGINE_ADDRESS_ENV] = engine_address
 
     config = uvicorn.Config("service.app:create_app", factory=True, **options)
     try:
@@ -58,13 +69,55 @@ def _worker(options: dict[str, Any]) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_workers(count: int, options: dict[str, Any]) -> int:
-    """Run ``count`` workers until a signal stops them; the exit status for the supervisor."""
+class _EngineProcess:
+    """The engine process of the engine layout (:mod:`service.engine_server`)."""
+
+    def __init__(self, context: Any, address: str, log_config: dict):
+        from service.engine_server import engine_main
+
+        self.control, child_end = multiprocessing.Pipe()
+        self.process = context.Process(target=engine_main, name="oodserve-engine",
+                                       args=(address, child_end, log_config))
+        self.process.start()
+        child_end.close()
+        log.info("started the engine process %d", self.process.pid)
+
+    def wait_ready(self) -> str | None:
+        """None once the engine is ready, else why it is not."""
+        try:
+            message = self.control.recv()
+        except EOFError:
+            self.process.join()
+            return f"the engine process exited with {self.process.exitcode} while starting"
+        return None if message == "ready" else f"the engine cannot start: {message}"
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.control.send("stop")
+        self.process.join()
+
+
+def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> int:
+    """Run ``count`` workers until a signal stops them; the exit status for the supervisor.
+
+    With ``engine``, an engine process is started first and the workers once it is ready;
+    it is stopped last, when the workers have answered what they had in flight. An engine
+    that dies is replaced like a worker (the workers answer 503 meanwhile and connect to the
+    new one)."""
     context = multiprocessing.get_context("spawn")
     stopping = False
+    engine_process: _EngineProcess | None = None
+    socket_dir = tempfile.mkdtemp(prefix="oodserve-engine-") if engine else None
+    address = os.path.join(socket_dir, "engine.sock") if socket_dir else None
+
+    def start_engine() -> str | None:
+        nonlocal engine_process
+        engine_process = _EngineProcess(context, address, options["log_config"])
+        return engine_process.wait_ready()
 
     def start() -> multiprocessing.Process:
-        process = context.Process(target=_worker, args=(options,), name="oodserve-worker")
+        process = context.Process(target=_worker, args=(options, address),
+                                  name="oodserve-worker")
         process.start()
         log.info("started worker process %d", process.pid)
         return process
@@ -80,25 +133,57 @@ def run_workers(count: int, options: dict[str, Any]) -> int:
     started: dict[int, float] = {}
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for _ in range(count):
-        process = start()
-        workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
-    status = 0
-    while workers:
-        for sentinel in multiprocessing.connection.wait(list(workers)):
-            process = workers.pop(sentinel)
-            process.join()
+    try:
+        if engine:
+            problem = start_engine()
+            if problem is not None:
+                log.error("%s", problem)
+                return 1
+            engine_started = time.monotonic()
+        for _ in range(count):
             if stopping:
-                continue
-            # What its own shut-down would have done: drop its live gauges from the metrics.
-            multiprocess.mark_process_dead(process.pid)
-            lived = time.monotonic() - started.pop(sentinel)
-            log.error("worker process %d exited with %s after %.0f s", process.pid,
-                      process.exitcode, lived)
-            if lived < EARLY_DEATH_S:
-                status = 1
-                stop(signal.SIGTERM, None)
-                continue
+                break
             process = start()
             workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
-    return status
+        status = 0
+        while workers:
+            watched = list(workers) + ([engine_process.process.sentinel] if engine else [])
+            for sentinel in multiprocessing.connection.wait(watched):
+                if engine and sentinel == engine_process.process.sentinel:
+                    engine_process.process.join()
+                    multiprocess.mark_process_dead(engine_process.process.pid)
+                    lived = time.monotonic() - engine_started
+                    log.error("the engine process %d exited with %s after %.0f s",
+                              engine_process.process.pid, engine_process.process.exitcode,
+                              lived)
+                    problem = None if lived >= EARLY_DEATH_S else "it died too soon"
+                    if problem is None and not stopping:
+                        problem = start_engine()
+                        engine_started = time.monotonic()
+                    if problem is not None:
+                        log.error("stopping: %s", problem)
+                        status = 1
+                        stop(signal.SIGTERM, None)
+                    continue
+                process = workers.pop(sentinel)
+                process.join()
+                if stopping:
+                    continue
+                # What its own shut-down would have done: drop its live gauges.
+                multiprocess.mark_process_dead(process.pid)
+                lived = time.monotonic() - started.pop(sentinel)
+                log.error("worker process %d exited with %s after %.0f s", process.pid,
+                          process.exitcode, lived)
+                if lived < EARLY_DEATH_S:
+                    status = 1
+                    stop(signal.SIGTERM, None)
+                    continue
+                process = start()
+                workers[process.sentinel], started[process.sentinel] = (process,
+                                                                       time.monotonic())
+        return status
+    finally:
+        if engine_process is not None and engine_process.process.is_alive():
+            engine_process.stop()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)

@@ -67,6 +67,6 @@ def test_the_predictor_tunes_on_the_cpu_unless_told_not_to(tiny_bundle, monkeypa
     calls = []
     monkeypatch.setattr(allocator, "tune_malloc", lambda: calls.append(1) or True)
     bundle = load_bundle(tiny_bundle)
-    assert Predictor(bundle, "cpu", False, 8, 1).malloc_tuned and calls == [1]
-    assert not Predictor(bundle, "cpu", False, 8, 1, tune_malloc=False).malloc_tuned
+    assert Predictor(bundle, "cpu", "float32", 8, 1).malloc_tuned and calls == [1]
+    assert not Predictor(bundle, "cpu", "float32", 8, 1, tune_malloc=False).malloc_tuned
     assert calls == [1]

@@ -71,7 +71,7 @@ async def test_a_failed_forward_pass_fails_only_its_batch_with_a_logged_error_id
                         lambda self, images: failing(self, images))
     app_settings = settings(tiny_bundle, max_batch_size=2, max_batch_delay_ms=0)
     async with serve(app_settings) as client:
-        pending = client.app.state.engine.batcher._pending
+        pending = client.app.state.engine.scorer.batcher._pending
         failing.arm()
         send = lambda seed: asyncio.create_task(predict(client, png(noise_image(seed))))
         first = send(1)  # forward pass 1, held at the gate
@@ -137,7 +137,7 @@ class FakeOOM(RuntimeError):
 
 @pytest.fixture
 def predictor(tiny_bundle):
-    return Predictor(load_bundle(tiny_bundle), "cpu", False, 32, 1)
+    return Predictor(load_bundle(tiny_bundle), "cpu", "float32", 32, 1)
 
 
 def images(n: int) -> list[torch.Tensor]:

@@ -80,7 +80,7 @@ def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundl
     still agree, at one image and at a batch."""
     from service.inference import Predictor
 
-    predictor = Predictor(load_bundle(tiny_bundle), "cpu", False, 8, 1)
+    predictor = Predictor(load_bundle(tiny_bundle), "cpu", "float32", 8, 1)
     convs = [m.weight for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     bundle = load_bundle(tiny_bundle)  # a fresh copy, in the default layout

@@ -44,6 +44,6 @@ async def model(engine: Annotated[Engine, Depends(get_engine)]) -> ModelSummary:
                                              calibration_images=cal.quantiles.count)
                     for name, cal in m.calibration.items()},
         evaluation=m.evaluation, weights_sha256=m.weights.sha256,
-        device=str(engine.predictor.device), dtype=engine.predictor.dtype_name,
-        max_batch_size=engine.settings.max_batch_size,
+        device=engine.scorer.device, dtype=engine.scorer.dtype_name,
+        max_batch_size=engine.scorer.max_batch_size,
         max_batch_delay_ms=engine.settings.max_batch_delay_ms)

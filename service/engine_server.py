@@ -1,0 +1,247 @@
+"""The engine process of the ``engine`` layout: it owns the model and the device, and batches
+the images of every HTTP worker into shared forward passes.
+
+Why a process of its own: on a GPU the model alone scores tens of thousands of images a
+second, while one Python process spends about 2 ms of CPU per request on HTTP, multipart,
+decoding and the response. Workers that each hold a model would each need a CUDA context and
+would split the traffic into small batches. Here N workers do the per-request work on N
+cores, and this process does nothing per request but copy the image from the worker's shared
+memory into the batch and its score rows back (:mod:`service.slots`).
+
+Two threads: one accepts workers and reads their slot numbers into one queue; the other (the
+inference thread) takes up to ``max_batch_size`` images from it whenever the model is free,
+so the batch size follows the load by itself, and a lone image is run at once. Padding the
+batch to a captured CUDA graph's size is :class:`~service.inference.Predictor`'s business.
+
+Lifetime: :mod:`service.workers` starts this process first and the workers once it reports
+ready (model warmed up, graphs captured), and stops it last, after the workers have drained
+their requests; hence SIGINT and SIGTERM are ignored here (a Ctrl-C reaches the whole process
+group), and the process ends when the supervisor says so or its pipe closes (the supervisor
+died). A worker that dies is simply forgotten: its queued images are skipped.
+
+Metrics: the batch size, queue wait and forward-pass time histograms are observed here and
+reach ``/metrics`` through the shared multiprocess directory; the queue wait is counted from
+when this process read the slot number.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from service import slots as proto
+from service.errors import new_error_id
+from service.inference import Predictor
+from service.metrics import Metrics
+from service.settings import Settings
+from service.slots import EngineInfo, RecordReader, SlotArrays
+from training.bundle import Bundle, load_bundle
+from training.runtime import select_device
+
+log = logging.getLogger("oodserve")
+
+HELLO_TIMEOUT_S = 5.0
+
+
+@dataclass(eq=False)
+class _Worker:
+    sock: socket.socket
+    pid: int
+    arrays: SlotArrays
+    reader: RecordReader = field(default_factory=RecordReader)
+    alive: bool = True
+
+
+@dataclass
+class _Job:
+    worker: _Worker
+    slot: int
+    received: float
+
+
+class EngineServer:
+    def __init__(self, settings: Settings, bundle: Bundle, address: Path):
+        self.manifest = bundle.manifest
+        cuda = select_device(settings.device).type == "cuda"
+        self.max_batch_size = settings.resolved_max_batch_size(cuda)
+        self.predictor = Predictor(bundle, settings.device, settings.precision,
+                                   self.max_batch_size, settings.engine_torch_threads(),
+                                   settings.tune_malloc, settings.cuda_graphs)
+        self.info = EngineInfo(str(self.predictor.device), self.predictor.dtype_name,
+                               self.max_batch_size)
+        self.metrics = Metrics(self.manifest)
+        self.metrics.describe_model(self.info.device, self.info.dtype)
+        self.address = address
+        self._jobs: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Warm up (capture the graphs), then listen for workers."""
+        self.predictor.warm_up(sorted({1, self.max_batch_size}))
+        self.address.unlink(missing_ok=True)  # left by an engine that died
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.address))
+        listener.listen(128)
+        threading.Thread(target=self._receive, args=(listener,), daemon=True,
+                         name="oodserve-engine-receive").start()
+        log.info("engine serving %s %s on %s (%s), batches of up to %d", self.manifest.name,
+                 self.manifest.version, self.info.device, self.info.dtype,
+                 self.max_batch_size)
+
+    def serve(self, control: Connection) -> None:
+        """Report ready on ``control`` and run batches until told to stop."""
+        inference = threading.Thread(target=self._infer, name="oodserve-engine-infer")
+        inference.start()
+        control.send("ready")
+        try:
+            control.recv()  # "stop", or EOFError when the supervisor is gone
+        except EOFError:
+            pass
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        inference.join()
+        self.metrics.mark_process_dead()
+
+    # -- the receiving thread ----------------------------------------------------------
+
+    def _receive(self, listener: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is listener:
+                    worker = self._accept(listener)
+                    if worker is not None:
+                        selector.register(worker.sock, selectors.EVENT_READ, worker)
+                    continue
+                worker = key.data
+                try:
+                    data = worker.sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    selector.unregister(worker.sock)
+                    worker.alive = False
+                    worker.sock.close()
+                    log.info("worker %d disconnected from the engine", worker.pid)
+                    continue
+                now = time.perf_counter()
+                jobs = [_Job(worker, slot, now) for slot, _ in worker.reader.feed(data)
+                        if slot < worker.arrays.slots]
+                with self._ready:
+                    self._jobs.extend(jobs)
+                    self._ready.notify()
+
+    def _accept(self, listener: socket.socket) -> _Worker | None:
+        conn, _ = listener.accept()
+        conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, proto.HELLO.size, 1)
+            while len(data) < proto.HELLO.size:
+                more = conn.recv(proto.HELLO.size - len(data))
+                if not more:
+                    raise ConnectionError("closed during the hello")
+                data += more
+            if len(fds) != 1:
+                raise ConnectionError(f"expected one file descriptor, got {len(fds)}")
+            slots, pid = proto.HELLO.unpack(data)
+            arrays = SlotArrays.attach(fds[0], slots, self.predictor.input_shape,
+                                       len(self.manifest.classes))
+            conn.sendall(self.info.to_line())
+        except (OSError, ValueError, ConnectionError) as exc:
+            log.error("a worker's connection to the engine failed: %s", exc)
+            conn.close()
+            return None
+        conn.settimeout(None)
+        log.info("worker %d connected to the engine with %d slots", pid, slots)
+        return _Worker(conn, pid, arrays)
+
+    # -- the inference thread ----------------------------------------------------------
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._ready:
+            while not self._jobs and not self._stopping:
+                self._ready.wait()
+            if self._stopping:
+                return None
+            n = min(self.max_batch_size, len(self._jobs))
+            return [self._jobs.popleft() for _ in range(n)]
+
+    def _infer(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            batch = [job for job in batch if job.worker.alive]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            self.metrics.queue_wait.observe(started - job.received)
+        self.metrics.batch_size.observe(len(batch))
+        groups: dict[_Worker, list[int]] = {}
+        for job in batch:
+            groups.setdefault(job.worker, []).append(job.slot)
+        try:
+            position = 0
+            for worker, slots in groups.items():  # each worker's images in one copy
+                index = torch.tensor(slots)
+                torch.index_select(worker.arrays.inputs, 0, index,
+                                   out=self.predictor.staging[position:position + len(slots)])
+                position += len(slots)
+            floats, ints = self.predictor.run(len(batch))
+        except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+            error_id = new_error_id()
+            log.error("forward pass of %d images failed (error id %s)", len(batch), error_id,
+                      exc_info=exc)
+            id_bytes = torch.frombuffer(bytearray(bytes.fromhex(error_id)), dtype=torch.uint8)
+            for worker, slots in groups.items():
+                worker.arrays.error_ids[slots] = id_bytes
+                self._send(worker, slots, proto.FAILED)
+            return
+        finally:
+            self.metrics.inference_duration.observe(time.perf_counter() - started)
+        position = 0
+        for worker, slots in groups.items():
+            index, rows = torch.tensor(slots), slice(position, position + len(slots))
+            worker.arrays.floats.index_copy_(0, index, floats[rows])
+            worker.arrays.ints.index_copy_(0, index, ints[rows])
+            position += len(slots)
+            self._send(worker, slots, proto.OK)
+
+    @staticmethod
+    def _send(worker: _Worker, slots: list[int], status: int) -> None:
+        # A worker has at most its slot count in flight, 4 bytes each, far below a socket's
+        # buffer: this never blocks on a worker that is slow to read.
+        try:
+            worker.sock.sendall(proto.encode(slots, status))
+        except OSError:
+            worker.alive = False  # it died; the receiving thread will see it close
+
+
+def engine_main(address: str, control: Connection, log_config: dict) -> None:
+    """Entry point of the engine process (spawned by :mod:`service.workers`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.config.dictConfig(log_config)
+    settings = Settings()
+    try:
+        server = EngineServer(settings, load_bundle(settings.bundle), Path(address))
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which stops
+        log.exception("the engine cannot start")
+        control.send(f"failed: {type(exc).__name__}: {exc}")
+        return
+    server.serve(control)
