@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RESNET20, tiny_config
 
 from training.trainer import Trainer, prepare
-
-from conftest import RESNET20, tiny_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
 
