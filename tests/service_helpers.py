@@ -22,9 +22,10 @@ def settings(bundle: Path, **overrides) -> Settings:
 
 
 @asynccontextmanager
-async def serve(app_settings: Settings, wait_ready: bool = True):
-    """The app with its lifespan running, and an httpx client talking to it in-process."""
-    app = create_app(app_settings)
+async def serve(app_settings: Settings, wait_ready: bool = True, engine_address=None):
+    """The app with its lifespan running, and an httpx client talking to it in-process
+    (with ``engine_address``: as a worker of the engine listening there)."""
+    app = create_app(app_settings, engine_address=engine_address)
     async with app.router.lifespan_context(app):
         # A 500 stays a response (as a real client sees it) instead of a raised exception.
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -90,8 +90,15 @@ def test_auto_workers(monkeypatch):
     monkeypatch.setattr(settings_module, "available_cores", lambda: 6)
     auto = Settings(_env_file=None)
     assert auto.workers == "auto"
-    assert (auto.resolved_workers(cuda=False), auto.resolved_workers(cuda=True)) == (6, 1)
-    assert Settings(_env_file=None, workers=3).resolved_workers(cuda=False) == 3
+    # The CPU replicates the model in every worker; a GPU gets the engine and 5 workers.
+    assert (auto.resolved_layout(cuda=False), auto.resolved_layout(cuda=True)) == (
+        "replicated", "engine")
+    assert (auto.resolved_workers(cuda=False), auto.resolved_workers(cuda=True)) == (6, 5)
+    assert Settings(_env_file=None, layout="engine").resolved_workers(cuda=False) == 5
+    assert Settings(_env_file=None, workers=3).resolved_workers(cuda=True) == 3
+    assert (auto.resolved_max_batch_size(cuda=False), auto.resolved_max_batch_size(cuda=True)
+            ) == (32, 256)
+    assert Settings(_env_file=None, max_batch_size=8).resolved_max_batch_size(cuda=True) == 8
     monkeypatch.setenv("OODSERVE_WORKERS", "2")
     assert Settings(_env_file=None).workers == 2
     monkeypatch.setenv("OODSERVE_WORKERS", "0")
@@ -124,7 +131,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("setting", ["1", "2", "auto"])
 def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path, setting):
     if setting == "auto" and torch.cuda.is_available():
-        pytest.skip("auto means one worker on a GPU")
+        pytest.skip("auto is the engine layout on a GPU (test_service_layouts.py)")
     workers = settings_module.available_cores() if setting == "auto" else int(setting)
     port = free_port()
     metrics_dir = tmp_path / "prometheus"
