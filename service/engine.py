@@ -15,6 +15,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from service.batcher import Batcher, QueueFull
 from service.bundle_check import BundleCheck
 from service.decoding import Decoder, ImageRejected
@@ -81,6 +83,8 @@ class Engine:
             self.scorer: LocalScorer | EngineClient = LocalScorer(settings, bundle,
                                                                   self.metrics)
         else:
+            # The model is elsewhere; this process's torch only preprocesses images.
+            torch.set_num_threads(settings.resolved_torch_threads())
             size = self.manifest.preprocessing.input_size
             self.scorer = EngineClient(engine_address, settings.max_queue_size, (3, size, size),
                                        len(self.manifest.classes))

@@ -35,7 +35,11 @@ log = logging.getLogger("oodserve")
 # What "out of memory" looks like; a module attribute so that tests can inject their own.
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What OODSERVE_PRECISION may name, and the dtype of the weights and activations. tf32 is
+# float32 storage with TensorFloat-32 tensor-core arithmetic (10-bit mantissa) in the
+# convolutions and matrix products; float32 is float32 arithmetic throughout.
+PRECISIONS = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,17 @@ def row_widths(num_classes: int) -> tuple[int, int]:
     return num_classes + 2, num_classes + 1
 
 
-def memory_format_for(device: torch.device) -> torch.memory_format:
-    """The layout the model and its input batches take on ``device``. NHWC ("channels last")
-    on the CPU: oneDNN's convolutions then read and write the activations as they are,
-    instead of reordering each one's input to their blocked layout and its output back
-    (docs/benchmarks.md). The sums run in another order than training's evaluation (NCHW),
-    so scores may differ from it in the last float32 digits, as batches of other sizes
-    already do. CUDA keeps the default layout (docs/benchmarks.md, GPU)."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+def memory_format_for(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """The layout the model and its input batches take. NHWC ("channels last") on the CPU:
+    oneDNN's convolutions then read and write the activations as they are, instead of
+    reordering each one's input to their blocked layout and its output back. On CUDA, NHWC
+    for float16 and bfloat16, the layout of cuDNN's tensor-core kernels; float32 stays NCHW,
+    where cuDNN's NHWC kernels measured about half as fast (docs/benchmarks.md). The sums
+    run in another order than training's evaluation (NCHW), so scores may differ from it in
+    the last float32 digits, as batches of other sizes already do."""
+    if device.type == "cpu" or dtype in (torch.float16, torch.bfloat16):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def graph_sizes(max_batch_size: int) -> list[int]:
@@ -86,9 +93,11 @@ class Predictor:
                  torch_threads: int, tune_malloc: bool = True, cuda_graphs: bool = True):
         self.device = select_device(device)
         self.malloc_tuned = False
+        # Set, not inherited: the default (every core) oversubscribes cores shared with
+        # decoding and other workers, and an intra-op thread that loses its core stalls the
+        # operator. On CUDA the host's part is copying images into the batch.
+        torch.set_num_threads(torch_threads)
         if self.device.type == "cpu":
-            # Set, not inherited: the default may oversubscribe cores shared with decoding.
-            torch.set_num_threads(torch_threads)
             self.malloc_tuned = tune_malloc and allocator.tune_malloc()
             if precision != "float32":
                 log.warning("OODSERVE_PRECISION=%s is for CUDA; serving in float32 on the CPU",
@@ -100,8 +109,8 @@ class Predictor:
             # precision is asked for by name (OODSERVE_PRECISION) and checked on its own.
             torch.backends.cudnn.allow_tf32 = precision != "float32"
             torch.backends.cuda.matmul.allow_tf32 = precision != "float32"
-        self.dtype = PRECISIONS[precision]
-        self.memory_format = memory_format_for(self.device)
+        self.precision, self.dtype = precision, PRECISIONS[precision]
+        self.memory_format = memory_format_for(self.device, self.dtype)
         self.model = bundle.model.to(self.device, self.dtype,
                                      memory_format=self.memory_format).eval()
         self.block = bundle.manifest.featurenorm.selected_block
@@ -122,7 +131,8 @@ class Predictor:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        """The precision served, as OODSERVE_PRECISION names it (``tf32`` included)."""
+        return self.precision
 
     def __call__(self, images: list[torch.Tensor]) -> list[ImageScores]:
         """Scores of ``images``, in order."""

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing.connection import Connection
 import os
 import shutil
 import signal
@@ -69,15 +70,20 @@ def _worker(options: dict[str, Any], engine_address: str | None) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _engine(address: str, control: Connection, log_config: dict) -> None:
+    from service.engine_server import engine_main  # here, in the child: torch stays out
+
+    engine_main(address, control, log_config)
+
+
 class _EngineProcess:
-    """The engine process of the engine layout (:mod:`service.engine_server`)."""
+    """The engine process of the engine layout (:mod:`service.engine_server`). Spawned, not
+    forked from the preloaded server: it alone initialises CUDA."""
 
-    def __init__(self, context: Any, address: str, log_config: dict):
-        from service.engine_server import engine_main
-
+    def __init__(self, address: str, log_config: dict):
         self.control, child_end = multiprocessing.Pipe()
-        self.process = context.Process(target=engine_main, name="oodserve-engine",
-                                       args=(address, child_end, log_config))
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_engine, name="oodserve-engine", args=(address, child_end, log_config))
         self.process.start()
         child_end.close()
         log.info("started the engine process %d", self.process.pid)
@@ -104,7 +110,12 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
     it is stopped last, when the workers have answered what they had in flight. An engine
     that dies is replaced like a worker (the workers answer 503 meanwhile and connect to the
     new one)."""
-    context = multiprocessing.get_context("spawn")
+    # Workers are forked from one server process that has imported the app (torch, FastAPI,
+    # pydantic) once: their memory then starts out shared with it, page for page, instead of
+    # each spawned worker building the same ~300 MB of modules and relocated libraries in
+    # private memory (docs/benchmarks.md). The server never touches CUDA.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["service.preload"])
     stopping = False
     engine_process: _EngineProcess | None = None
     socket_dir = tempfile.mkdtemp(prefix="oodserve-engine-") if engine else None
@@ -112,7 +123,7 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
 
     def start_engine() -> str | None:
         nonlocal engine_process
-        engine_process = _EngineProcess(context, address, options["log_config"])
+        engine_process = _EngineProcess(address, options["log_config"])
         return engine_process.wait_ready()
 
     def start() -> multiprocessing.Process:

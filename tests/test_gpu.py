@@ -61,7 +61,7 @@ def test_reduced_precision_keeps_the_default_accept_rates(cache_dir):
     reference = accept_rates("float32", images)
     print(f"\nfloat32 accept rates on {len(images)} CIFAR-10 test images (energy, featurenorm, "
           f"default rule): {np.round(reference * 100, 2)}")
-    for precision in ("float16", "bfloat16"):
+    for precision in ("tf32", "float16", "bfloat16"):
         rates = accept_rates(precision, images)
         shift = np.abs(rates - reference)
         print(f"{precision}: {np.round(rates * 100, 2)}, shift {np.round(shift * 100, 2)} "
