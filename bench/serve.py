@@ -353,7 +353,7 @@ def main() -> None:
                              "0 = skipped, on CUDA)")
     parser.add_argument("--alone-batches",
                         help="batch sizes of the model alone (default: the service's max "
-                             "batch; on CUDA 32,256)")
+                             "batch; on CUDA 32,256,1024)")
     parser.add_argument("--threads", type=int, default=available_cores(),
                         help="torch threads of the model alone on the CPU (default: every core)")
     parser.add_argument("--workers", help="OODSERVE_WORKERS (default: the service's default)")
@@ -385,7 +385,7 @@ def main() -> None:
                    else 32 if cuda else 4)
     off_level = (args.unbatched_concurrency if args.unbatched_concurrency is not None
                  else 0 if cuda else 32)
-    alone_batches = [int(b) for b in (args.alone_batches or ("32,256" if cuda
+    alone_batches = [int(b) for b in (args.alone_batches or ("32,256,1024" if cuda
                                                              else str(max_batch))).split(",")]
     loadgens = args.loadgen_processes or (1 if available_cores() <= 4 else 4)
     # The model alone gets the allocator settings the service's workers get (the server

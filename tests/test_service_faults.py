@@ -242,6 +242,25 @@ def read_status(sock: socket.socket) -> int:
     return int(head.split()[1])
 
 
+def requests_then_sigterm(proc: subprocess.Popen, port: int, n: int) -> tuple[list[int], int]:
+    """``n`` requests on ``n`` connections, SIGTERM as the first answer comes in; checks
+    that nothing is accepted any more, then returns every request's status and how many had
+    been answered when the signal was sent."""
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    for i, sock in enumerate(sockets):
+        sock.sendall(raw_request(port, png(noise_image(i))))
+    select.select(sockets, [], [], 60)  # the first answer is coming in
+    proc.send_signal(signal.SIGTERM)
+    answered_before = len(select.select(sockets, [], [], 0)[0])
+    time.sleep(0.3)
+    with pytest.raises(OSError):  # no longer listening
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    statuses = [read_status(sock) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return statuses, answered_before
+
+
 def test_sigterm_drains_the_requests_in_flight(tiny_bundle, tmp_path):
     """16 requests on 16 connections, forward passes of 2 images taking 0.4 s each: SIGTERM
     arrives with the first answer, most of the others still queued or running. All 16 are
@@ -263,18 +282,7 @@ def test_sigterm_drains_the_requests_in_flight(tiny_bundle, tmp_path):
             assert proc.poll() is None, log.read_text()
             assert time.time() < deadline, log.read_text()
             time.sleep(0.2)
-        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-        for i, sock in enumerate(sockets):
-            sock.sendall(raw_request(port, png(noise_image(i))))
-        select.select(sockets, [], [], 60)  # the first answer is coming in
-        proc.send_signal(signal.SIGTERM)
-        answered_before = len(select.select(sockets, [], [], 0)[0])
-        time.sleep(0.3)
-        with pytest.raises(OSError):  # no longer listening
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        statuses = [read_status(sock) for sock in sockets]
-        for sock in sockets:
-            sock.close()
+        statuses, answered_before = requests_then_sigterm(proc, port, n)
         assert statuses == [200] * n, log.read_text()
         assert n - answered_before >= n // 2  # most were still queued or running at SIGTERM
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()

@@ -3,16 +3,14 @@ GPU), run on the CPU: workers and the engine share the metrics, a dead worker or
 engine is replaced, and SIGTERM under load loses no request."""
 
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 from service_helpers import metric, noise_image, png
-from test_service_faults import raw_request, read_status
+from test_service_faults import requests_then_sigterm
 from test_service_start import children, free_port, service_env, wait_for
 
 import service.workers
@@ -124,15 +122,7 @@ def test_sigterm_drains_the_requests_in_flight_through_the_engine(tiny_bundle, t
         wait_for(lambda: log.read_text().count("Application startup complete") == 2, 120,
                  "two workers")
         wait_for(lambda: all_ready(base), 60, "ready")
-        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-        for i, sock in enumerate(sockets):
-            sock.sendall(raw_request(port, png(noise_image(i))))
-        select.select(sockets, [], [], 60)  # the first answer is coming in
-        proc.send_signal(signal.SIGTERM)
-        answered_before = len(select.select(sockets, [], [], 0)[0])
-        statuses = [read_status(sock) for sock in sockets]
-        for sock in sockets:
-            sock.close()
+        statuses, answered_before = requests_then_sigterm(proc, port, n)
         assert statuses == [200] * n, log.read_text()
         assert n - answered_before >= n // 2  # most were still queued or running
         assert proc.wait(timeout=60) == 0, log.read_text()

@@ -206,7 +206,8 @@ def test_limits_are_on_by_default_and_cannot_be_switched_off():
     assert s.max_upload_bytes == 10 * 1024 * 1024
     assert s.max_image_pixels == 25_000_000
     assert s.max_batch_images == 64
-    assert s.max_batch_size == 32 and s.max_queue_size == 1024
+    assert s.resolved_max_batch_size(cuda=False) == 32 and s.max_queue_size == 1024
+    assert s.resolved_max_batch_size(cuda=True) == 1024
     for name, value in [("max_upload_bytes", 0), ("max_image_pixels", 0),
                         ("max_batch_images", 0), ("max_queue_size", 0),
                         ("max_upload_bytes", None), ("max_image_pixels", -1)]:

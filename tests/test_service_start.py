@@ -97,7 +97,7 @@ def test_auto_workers(monkeypatch):
     assert Settings(_env_file=None, layout="engine").resolved_workers(cuda=False) == 5
     assert Settings(_env_file=None, workers=3).resolved_workers(cuda=True) == 3
     assert (auto.resolved_max_batch_size(cuda=False), auto.resolved_max_batch_size(cuda=True)
-            ) == (32, 256)
+            ) == (32, 1024)
     assert Settings(_env_file=None, max_batch_size=8).resolved_max_batch_size(cuda=True) == 8
     monkeypatch.setenv("OODSERVE_WORKERS", "2")
     assert Settings(_env_file=None).workers == 2
