@@ -2,10 +2,11 @@
 
 The bundle is checked here, before uvicorn starts, so that a bad one stops the start with
 one line saying what is wrong instead of a traceback from each worker. With
-``OODSERVE_WORKERS=1`` the loaded bundle is served as is. Otherwise the check, and for
-``auto`` whether CUDA is there, run in a child process (:mod:`service.preflight`); the
-workers are run by :mod:`service.workers` (one listening socket each, so that connections
-spread evenly), each loads its own copy of the bundle, and they share their metrics through
+``OODSERVE_WORKERS=1`` and ``OODSERVE_LAYOUT=replicated`` the loaded bundle is served as is,
+in this process. Otherwise the check, and whether CUDA is there (which decides ``auto``),
+run in a child process (:mod:`service.preflight`); the workers, and in the engine layout the
+engine process, are run by :mod:`service.workers` (one listening socket per worker, so that
+connections spread evenly), and they share their metrics through
 ``PROMETHEUS_MULTIPROC_DIR`` (wiped first: files left by an earlier run would otherwise be
 counted again).
 """

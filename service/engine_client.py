@@ -48,6 +48,7 @@ class EngineClient:
     def __init__(self, address: Path, slots: int, input_shape: tuple[int, ...],
                  num_classes: int):
         self.address = address
+        self._input_shape, self._num_classes = input_shape, num_classes
         self.arrays, self._fd = SlotArrays.create(slots, input_shape, num_classes)
         self._free = list(range(slots))  # a stack: the same few slots (and pages) stay hot
         self._futures: dict[int, asyncio.Future[ImageScores]] = {}
@@ -169,7 +170,10 @@ class EngineClient:
             return
         for slot, status in self._reader.feed(data):
             future = self._futures.pop(slot, None)
-            if future is not None and not future.done():
+            if future is None:  # not one of ours: freeing it would hand it out twice
+                log.error("the engine answered for slot %d, which is not in flight", slot)
+                continue
+            if not future.done():  # else its request has gone
                 if status == proto.OK:
                     future.set_result(ImageScores.from_rows(
                         self.arrays.floats[slot].tolist(), self.arrays.ints[slot].tolist()))
@@ -180,7 +184,10 @@ class EngineClient:
             self._free.append(slot)
 
     def _lost(self) -> None:
-        """The engine is gone: fail what waits for it and connect again in the background."""
+        """The connection is gone: fail what waits for it and connect again in the
+        background, with new shared memory. The old memory is left to whoever still maps
+        it: an engine that is still running may yet write a batch's rows into it, and those
+        must not land in slots that new requests have taken."""
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._sock.fileno())
         self._sock.close()
@@ -188,19 +195,26 @@ class EngineClient:
         self._outgoing.clear()
         log.error("lost the connection to the inference engine; %d images were waiting",
                   len(self._futures))
-        for slot, future in self._futures.items():
+        for future in self._futures.values():
             if not future.done():
                 future.set_exception(EngineUnavailable())
-            self._free.append(slot)
         self._futures.clear()
+        os.close(self._fd)
+        self.arrays, self._fd = SlotArrays.create(self.arrays.slots, self._input_shape,
+                                                  self._num_classes)
+        self._free = list(range(self.arrays.slots))
         self._reconnecting = loop.create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
+        failures = 0
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             try:
                 self._attach(*await asyncio.to_thread(self._connect))
-            except OSError:
+            except Exception as exc:  # noqa: BLE001 - keep trying, whatever went wrong
+                failures += 1
+                if not isinstance(exc, OSError) or failures % 50 == 0:
+                    log.error("cannot connect to the inference engine yet: %s", exc)
                 continue
             log.info("connected to the inference engine again")
             return

@@ -26,8 +26,10 @@ when this process read the slot number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.config
+import os
 import selectors
 import signal
 import socket
@@ -52,6 +54,7 @@ from training.runtime import select_device
 log = logging.getLogger("oodserve")
 
 HELLO_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 2.0
 
 
 @dataclass(eq=False)
@@ -94,7 +97,7 @@ class EngineServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.address))
         listener.listen(128)
-        threading.Thread(target=self._receive, args=(listener,), daemon=True,
+        threading.Thread(target=_fatal_on_error(self._receive), args=(listener,), daemon=True,
                          name="oodserve-engine-receive").start()
         log.info("engine serving %s %s on %s (%s), batches of up to %d", self.manifest.name,
                  self.manifest.version, self.info.device, self.info.dtype,
@@ -102,9 +105,13 @@ class EngineServer:
 
     def serve(self, control: Connection) -> None:
         """Report ready on ``control`` and run batches until told to stop."""
-        inference = threading.Thread(target=self._infer, name="oodserve-engine-infer")
+        try:
+            control.send("ready")
+        except OSError:  # the supervisor is gone: nobody will ever send work
+            return
+        inference = threading.Thread(target=_fatal_on_error(self._infer),
+                                     name="oodserve-engine-infer")
         inference.start()
-        control.send("ready")
         try:
             control.recv()  # "stop", or EOFError when the supervisor is gone
         except EOFError:
@@ -146,8 +153,13 @@ class EngineServer:
                     self._ready.notify()
 
     def _accept(self, listener: socket.socket) -> _Worker | None:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError as exc:  # out of descriptors, or the peer gave up: not fatal
+            log.error("accepting a worker's connection failed: %s", exc)
+            return None
         conn.settimeout(HELLO_TIMEOUT_S)
+        fds: list[int] = []
         try:
             data, fds, _, _ = socket.recv_fds(conn, proto.HELLO.size, 1)
             while len(data) < proto.HELLO.size:
@@ -158,14 +170,18 @@ class EngineServer:
             if len(fds) != 1:
                 raise ConnectionError(f"expected one file descriptor, got {len(fds)}")
             slots, pid = proto.HELLO.unpack(data)
-            arrays = SlotArrays.attach(fds[0], slots, self.predictor.input_shape,
+            if not 0 < slots < 1 << proto.STATUS_SHIFT:
+                raise ValueError(f"{slots} slots")
+            arrays = SlotArrays.attach(fds.pop(), slots, self.predictor.input_shape,
                                        len(self.manifest.classes))
             conn.sendall(self.info.to_line())
         except (OSError, ValueError, ConnectionError) as exc:
             log.error("a worker's connection to the engine failed: %s", exc)
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return None
-        conn.settimeout(None)
+        conn.settimeout(SEND_TIMEOUT_S)
         log.info("worker %d connected to the engine with %d slots", pid, slots)
         return _Worker(conn, pid, arrays)
 
@@ -223,12 +239,33 @@ class EngineServer:
 
     @staticmethod
     def _send(worker: _Worker, slots: list[int], status: int) -> None:
-        # A worker has at most its slot count in flight, 4 bytes each, far below a socket's
-        # buffer: this never blocks on a worker that is slow to read.
+        """Answer a worker. Each answer takes a message's worth of the socket's buffer (a
+        few hundred fit), so a worker that stops reading would block this thread, and with
+        it every worker, once they are used up: after :data:`SEND_TIMEOUT_S` it is cut off
+        instead. Its requests then get 503 and it connects again, with fresh slots."""
         try:
             worker.sock.sendall(proto.encode(slots, status))
-        except OSError:
-            worker.alive = False  # it died; the receiving thread will see it close
+        except OSError as exc:
+            if worker.alive:
+                log.error("cutting off worker %d: answering it failed (%s)", worker.pid,
+                          exc or type(exc).__name__)
+            worker.alive = False
+            with contextlib.suppress(OSError):  # the receiving thread then sees it close
+                worker.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _fatal_on_error(target):
+    """``target``, but an error that escapes it ends the process: an engine whose thread
+    died would stay up without serving, and the supervisor replaces only processes that
+    exit."""
+    def run(*args) -> None:
+        try:
+            target(*args)
+        except BaseException:
+            log.critical("an engine thread failed; exiting so that the engine is replaced",
+                         exc_info=True)
+            os._exit(1)
+    return run
 
 
 def engine_main(address: str, control: Connection, log_config: dict) -> None:

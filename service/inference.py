@@ -65,15 +65,16 @@ def row_widths(num_classes: int) -> tuple[int, int]:
     return num_classes + 2, num_classes + 1
 
 
-def memory_format_for(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+def memory_format_for(device: torch.device, precision: str) -> torch.memory_format:
     """The layout the model and its input batches take. NHWC ("channels last") on the CPU:
     oneDNN's convolutions then read and write the activations as they are, instead of
     reordering each one's input to their blocked layout and its output back. On CUDA, NHWC
-    for float16 and bfloat16, the layout of cuDNN's tensor-core kernels; float32 stays NCHW,
-    where cuDNN's NHWC kernels measured about half as fast (docs/benchmarks.md). The sums
-    run in another order than training's evaluation (NCHW), so scores may differ from it in
-    the last float32 digits, as batches of other sizes already do."""
-    if device.type == "cpu" or dtype in (torch.float16, torch.bfloat16):
+    for the tensor-core precisions (tf32, float16, bfloat16), the layout of cuDNN's
+    tensor-core kernels; float32 stays NCHW, where cuDNN's NHWC kernels measured about half
+    as fast (docs/benchmarks.md). The sums run in another order than training's evaluation
+    (NCHW), so scores may differ from it in the last float32 digits, as batches of other
+    sizes already do."""
+    if device.type == "cpu" or precision != "float32":
         return torch.channels_last
     return torch.contiguous_format
 
@@ -110,7 +111,7 @@ class Predictor:
             torch.backends.cudnn.allow_tf32 = precision != "float32"
             torch.backends.cuda.matmul.allow_tf32 = precision != "float32"
         self.precision, self.dtype = precision, PRECISIONS[precision]
-        self.memory_format = memory_format_for(self.device, self.dtype)
+        self.memory_format = memory_format_for(self.device, precision)
         self.model = bundle.model.to(self.device, self.dtype,
                                      memory_format=self.memory_format).eval()
         self.block = bundle.manifest.featurenorm.selected_block

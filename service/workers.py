@@ -19,15 +19,18 @@ torch nor the app.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 from multiprocessing.connection import Connection
 import os
+import select
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -38,6 +41,20 @@ log = logging.getLogger("oodserve")
 # A worker that dies within this many seconds of starting is not restarted: it would only
 # die again (a port in use, a bundle that broke after the check), so the service stops.
 EARLY_DEATH_S = 10.0
+# How long the engine, told to stop once the workers are gone, may take to do so.
+ENGINE_STOP_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send this process ``signum`` when its parent dies, so that a
+    supervisor killed outright (SIGKILL, OOM killer) leaves no engine holding the GPU.
+    Linux only; elsewhere nothing happens."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -53,8 +70,28 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(options: dict[str, Any], engine_address: str | None) -> None:
+def stop_with(supervisor: int) -> None:
+    """SIGTERM this process (uvicorn then drains and exits) once ``supervisor`` has ended,
+    however it ended. A worker's parent is the fork server, not the supervisor, and the
+    fork server lives as long as any worker does (each holds its liveness pipe), so the
+    parent-death signal cannot serve here; a pidfd of the supervisor can (Linux 5.3+;
+    elsewhere nothing happens)."""
+    try:
+        pidfd = os.pidfd_open(supervisor)
+    except (OSError, AttributeError):
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="oodserve-lifeline").start()
+
+
+def _worker(options: dict[str, Any], engine_address: str | None, supervisor: int) -> None:
     import uvicorn
+
+    stop_with(supervisor)
 
     if engine_address is not None:
         from service.app import ENGINE_ADDRESS_ENV
@@ -71,6 +108,7 @@ def _worker(options: dict[str, Any], engine_address: str | None) -> None:
 
 
 def _engine(address: str, control: Connection, log_config: dict) -> None:
+    die_with_parent(signal.SIGKILL)  # it ignores SIGTERM (see engine_server)
     from service.engine_server import engine_main  # here, in the child: torch stays out
 
     engine_main(address, control, log_config)
@@ -100,7 +138,12 @@ class _EngineProcess:
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.control.send("stop")
-        self.process.join()
+        self.process.join(ENGINE_STOP_TIMEOUT_S)
+        if self.process.is_alive():  # wedged (a hung device, say): it ignores SIGTERM
+            log.error("the engine process did not stop within %.0f s; killing it",
+                      ENGINE_STOP_TIMEOUT_S)
+            self.process.kill()
+            self.process.join()
 
 
 def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> int:
@@ -127,18 +170,33 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
         return engine_process.wait_ready()
 
     def start() -> multiprocessing.Process:
-        process = context.Process(target=_worker, args=(options, address),
+        process = context.Process(target=_worker, args=(options, address, os.getpid()),
                                   name="oodserve-worker")
         process.start()
         log.info("started worker process %d", process.pid)
         return process
 
-    def stop(signum: int, _frame: object) -> None:
+    def engine_died(lived: float) -> str | None:
+        """Replace a dead engine; why the service must stop instead, or None."""
+        engine_process.process.join()
+        multiprocess.mark_process_dead(engine_process.process.pid)
+        log.error("the engine process %d exited with %s after %.0f s",
+                  engine_process.process.pid, engine_process.process.exitcode, lived)
+        if stopping:
+            return "the engine died while stopping"
+        if lived < EARLY_DEATH_S:
+            return "it died too soon"
+        return start_engine()
+
+    def stop(_signum: int, _frame: object) -> None:
+        # SIGTERM whatever arrived: a Ctrl-C has already sent the workers SIGINT (it reaches
+        # the whole process group), and uvicorn takes a second SIGINT as "exit at once,
+        # drop the requests in flight".
         nonlocal stopping
         stopping = True
         for process in workers.values():
             if process.is_alive():
-                os.kill(process.pid, signum)
+                os.kill(process.pid, signal.SIGTERM)
 
     workers: dict[int, multiprocessing.Process] = {}
     started: dict[int, float] = {}
@@ -157,21 +215,17 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
             process = start()
             workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
         status = 0
+        engine_watched = engine
         while workers:
-            watched = list(workers) + ([engine_process.process.sentinel] if engine else [])
+            watched = list(workers)
+            if engine_watched:
+                watched.append(engine_process.process.sentinel)
             for sentinel in multiprocessing.connection.wait(watched):
-                if engine and sentinel == engine_process.process.sentinel:
-                    engine_process.process.join()
-                    multiprocess.mark_process_dead(engine_process.process.pid)
-                    lived = time.monotonic() - engine_started
-                    log.error("the engine process %d exited with %s after %.0f s",
-                              engine_process.process.pid, engine_process.process.exitcode,
-                              lived)
-                    problem = None if lived >= EARLY_DEATH_S else "it died too soon"
-                    if problem is None and not stopping:
-                        problem = start_engine()
-                        engine_started = time.monotonic()
+                if engine_watched and sentinel == engine_process.process.sentinel:
+                    problem = engine_died(time.monotonic() - engine_started)
+                    engine_started = time.monotonic()
                     if problem is not None:
+                        engine_watched = False  # gone for good: wait for the workers only
                         log.error("stopping: %s", problem)
                         status = 1
                         stop(signal.SIGTERM, None)

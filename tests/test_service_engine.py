@@ -127,3 +127,34 @@ async def test_a_failed_engine_pass_is_a_500_with_the_logged_error_id(tiny_bundl
         assert f"(error id {error_id})" in caplog.text
         monkeypatch.undo()
         assert (await predict(client, png(noise_image(2)))).status_code == 200
+
+
+async def test_a_worker_that_stops_reading_is_cut_off_not_waited_for(tiny_bundle, tmp_path,
+                                                                    caplog):
+    """A peer that sends 600 slot numbers and never reads its answers fills its socket's
+    buffer (each answer is one message, and batches of one make 600): the engine cuts it off
+    after SEND_TIMEOUT_S instead of blocking every worker, and a real worker is served."""
+    import os
+    import socket
+
+    from service import slots as proto
+    from service.slots import SlotArrays
+
+    engine = RunningEngine(tiny_bundle, tmp_path / "engine.sock", device="cpu",
+                           max_batch_size=1)
+    try:
+        arrays, fd = SlotArrays.create(600, (3, 32, 32), 10)
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.connect(str(engine.address))
+        socket.send_fds(stalled, [proto.HELLO.pack(600, os.getpid())], [fd])
+        assert stalled.recv(4096).endswith(b"\n")
+        with caplog.at_level(logging.ERROR, logger="oodserve"):
+            stalled.sendall(proto.encode(list(range(600))))
+            async with serve_worker(tiny_bundle, engine) as client:
+                response = await asyncio.wait_for(predict(client, png(noise_image(3))), 30)
+        assert response.status_code == 200
+        assert "cutting off worker" in caplog.text
+        stalled.close()
+        os.close(fd)
+    finally:
+        engine.stop()

@@ -3,10 +3,12 @@ GPU), run on the CPU: workers and the engine share the metrics, a dead worker or
 engine is replaced, and SIGTERM under load loses no request."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from service_helpers import metric, noise_image, png
@@ -44,10 +46,13 @@ def post(base: str, seed: int) -> httpx.Response:
 
 
 def all_ready(base: str) -> bool:
-    for _ in range(8):  # new connections hash to any worker
-        with httpx.Client(base_url=base) as client:
-            if client.get("/readyz").status_code != 200:
-                return False
+    try:
+        for _ in range(8):  # new connections hash to any worker
+            with httpx.Client(base_url=base) as client:
+                if client.get("/readyz").status_code != 200:
+                    return False
+    except httpx.TransportError:  # nobody listening yet
+        return False
     return True
 
 
@@ -102,7 +107,50 @@ def test_engine_layout_serves_counts_and_replaces_workers_and_the_engine(tiny_bu
         assert proc.wait(timeout=60) == 0, log.read_text()
     text = log.read_text()
     assert "Traceback" not in text, text
-    assert not list(tmp_path.glob("oodserve-engine-*"))
+    assert not engine_address(text).parent.exists()  # the socket's folder is removed
+
+
+def engine_address(log_text: str) -> Path:
+    return Path(re.search(r"in the engine process \((\S+)\)", log_text).group(1))
+
+
+def test_an_engine_that_dies_at_once_stops_the_service_once(tiny_bundle, tmp_path):
+    """Killed within EARLY_DEATH_S of starting, the engine is not replaced: the service
+    stops with status 1, saying so once (not once per turn of the supervisor's loop)."""
+    proc, base = start(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_WORKERS=1)
+    log = tmp_path / "service.log"
+    try:
+        wait_for(lambda: all_ready(base), 120, "ready")
+        engine = next(p for p in children(proc.pid)
+                      if f"started the engine process {p}" in log.read_text())
+        os.kill(engine, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert text.count("exited with -9") == 1 and text.count("stopping: ") == 1, text
+
+
+def test_a_killed_supervisor_takes_its_workers_and_engine_along(tiny_bundle, tmp_path):
+    """SIGKILL leaves the supervisor no chance to stop anything: the kernel's parent-death
+    signal ends the workers (through the fork server) and the engine, so nothing is left
+    holding the port, the device or the shared memory."""
+    proc, base = start(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_WORKERS=2)
+    try:
+        wait_for(lambda: all_ready(base), 120, "ready")
+        processes = children(proc.pid)
+        assert len(processes) == 3
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and b"zombie" not in
+                                 Path(f"/proc/{p}/status").read_bytes().lower()
+                                 for p in processes), 30, "the workers and engine to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_drains_the_requests_in_flight_through_the_engine(tiny_bundle, tmp_path):
