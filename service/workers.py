@@ -23,7 +23,6 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
-from multiprocessing.connection import Connection
 import os
 import select
 import shutil
@@ -32,6 +31,7 @@ import socket
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 from prometheus_client import multiprocess

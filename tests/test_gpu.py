@@ -7,8 +7,8 @@ import torch
 from conftest import CIFAR10
 
 from service.inference import Predictor
-from service.thresholds import resolve_policy
 from service.settings import DEFAULT_BUNDLE
+from service.thresholds import resolve_policy
 from training.bundle import load_bundle
 from training.data.sources import open_dataset
 from training.evaluation import score_batch
