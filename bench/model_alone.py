@@ -4,7 +4,8 @@
                                 [--precisions float32,tf32,float16,bfloat16] [--both-layouts]
 
 For each precision (the CPU serves float32 only), a :class:`service.inference.Predictor` is
-built and warmed up exactly as the engine builds it (CUDA graphs captured on CUDA), its
+built and warmed up as the service builds it (CUDA graphs captured on CUDA; every core as a
+torch thread, which on CUDA only serves the host's copies), its
 staging batch filled with random images, and for each batch size it prints: images a second
 through :meth:`Predictor.run` (batch in host memory, score rows back in host memory, what the
 engine does per pass), and on CUDA the captured graph's replay alone (the batch already on

@@ -3,9 +3,9 @@ shared memory (:mod:`service.slots`), scores come back the same way.
 
 The client lives on the worker's event loop and never blocks it: slot numbers written by the
 requests of one loop iteration leave in one ``send``, and the engine's answers are read when
-the socket is readable. A worker has ``slots`` images in flight at most (its share of the
-queue, ``OODSERVE_MAX_QUEUE_SIZE``); beyond that requests get 503, as with the replicated
-layout's queue. A slot is reused only once the engine has answered for it, also when the
+the socket is readable. A worker has ``slots`` images in flight at most
+(``OODSERVE_MAX_QUEUE_SIZE``, for each worker); beyond that requests get 503, as with the
+replicated layout's queue. A slot is reused only once the engine has answered for it, also when the
 request that filled it has gone (the engine may be reading the image).
 
 If the engine goes away (it died and the supervisor is starting a new one), the requests
@@ -199,17 +199,24 @@ class EngineClient:
             if not future.done():
                 future.set_exception(EngineUnavailable())
         self._futures.clear()
-        os.close(self._fd)
-        self.arrays, self._fd = SlotArrays.create(self.arrays.slots, self._input_shape,
-                                                  self._num_classes)
-        self._free = list(range(self.arrays.slots))
+        self._free = []  # none until the new memory exists
         self._reconnecting = loop.create_task(self._reconnect())
 
+    def _renew_memory(self) -> None:
+        arrays, fd = SlotArrays.create(self.arrays.slots, self._input_shape,
+                                       self._num_classes)
+        os.close(self._fd)  # the old mapping stays with whoever still holds it
+        self.arrays, self._fd = arrays, fd
+        self._free = list(range(arrays.slots))
+
     async def _reconnect(self) -> None:
-        failures = 0
+        failures, renewed = 0, False
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             try:
+                if not renewed:
+                    self._renew_memory()
+                    renewed = True
                 self._attach(*await asyncio.to_thread(self._connect))
             except Exception as exc:  # noqa: BLE001 - keep trying, whatever went wrong
                 failures += 1

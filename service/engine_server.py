@@ -2,8 +2,8 @@
 the images of every HTTP worker into shared forward passes.
 
 Why a process of its own: on a GPU the model alone scores tens of thousands of images a
-second, while one Python process spends about 2 ms of CPU per request on HTTP, multipart,
-decoding and the response. Workers that each hold a model would each need a CUDA context and
+second, while one Python process spends far more CPU than that allows per request on HTTP,
+multipart, decoding and the response. Workers that each hold a model would each need a CUDA context and
 would split the traffic into small batches. Here N workers do the per-request work on N
 cores, and this process does nothing per request but copy the image from the worker's shared
 memory into the batch and its score rows back (:mod:`service.slots`).
@@ -31,11 +31,11 @@ import logging
 import logging.config
 import os
 import selectors
-import signal
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -57,6 +57,13 @@ HELLO_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 2.0
 
 
+def exit_process() -> None:
+    """What a failed engine thread does by default: end the process. An engine whose thread
+    died would stay up without serving, and the supervisor replaces only processes that
+    exit."""
+    os._exit(1)
+
+
 @dataclass(eq=False)
 class _Worker:
     sock: socket.socket
@@ -74,7 +81,9 @@ class _Job:
 
 
 class EngineServer:
-    def __init__(self, settings: Settings, bundle: Bundle, address: Path):
+    def __init__(self, settings: Settings, bundle: Bundle, address: Path,
+                 on_fatal: Callable[[], None] = exit_process):
+        self.on_fatal = on_fatal  # tests, which run the engine on a thread, record instead
         self.manifest = bundle.manifest
         cuda = select_device(settings.device).type == "cuda"
         self.max_batch_size = settings.resolved_max_batch_size(cuda)
@@ -97,8 +106,8 @@ class EngineServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.address))
         listener.listen(128)
-        threading.Thread(target=_fatal_on_error(self._receive), args=(listener,), daemon=True,
-                         name="oodserve-engine-receive").start()
+        threading.Thread(target=self._fatal_on_error(self._receive), args=(listener,),
+                         daemon=True, name="oodserve-engine-receive").start()
         log.info("engine serving %s %s on %s (%s), batches of up to %d", self.manifest.name,
                  self.manifest.version, self.info.device, self.info.dtype,
                  self.max_batch_size)
@@ -109,7 +118,7 @@ class EngineServer:
             control.send("ready")
         except OSError:  # the supervisor is gone: nobody will ever send work
             return
-        inference = threading.Thread(target=_fatal_on_error(self._infer),
+        inference = threading.Thread(target=self._fatal_on_error(self._infer),
                                      name="oodserve-engine-infer")
         inference.start()
         try:
@@ -121,6 +130,17 @@ class EngineServer:
             self._ready.notify()
         inference.join()
         self.metrics.mark_process_dead()
+
+    def _fatal_on_error(self, target: Callable) -> Callable:
+        """``target``, but an error that escapes it is logged and handed to ``on_fatal``."""
+        def run(*args) -> None:
+            try:
+                target(*args)
+            except BaseException:
+                log.critical("an engine thread failed; exiting so that the engine is "
+                             "replaced", exc_info=True)
+                self.on_fatal()
+        return run
 
     # -- the receiving thread ----------------------------------------------------------
 
@@ -254,24 +274,9 @@ class EngineServer:
                 worker.sock.shutdown(socket.SHUT_RDWR)
 
 
-def _fatal_on_error(target):
-    """``target``, but an error that escapes it ends the process: an engine whose thread
-    died would stay up without serving, and the supervisor replaces only processes that
-    exit."""
-    def run(*args) -> None:
-        try:
-            target(*args)
-        except BaseException:
-            log.critical("an engine thread failed; exiting so that the engine is replaced",
-                         exc_info=True)
-            os._exit(1)
-    return run
-
-
 def engine_main(address: str, control: Connection, log_config: dict) -> None:
-    """Entry point of the engine process (spawned by :mod:`service.workers`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Entry point of the engine process (spawned by :mod:`service.workers`, which has
+    already set SIGINT and SIGTERM to be ignored, see the module docstring)."""
     logging.config.dictConfig(log_config)
     settings = Settings()
     try:

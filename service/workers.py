@@ -10,7 +10,7 @@ the sockets by a hash of their addresses.
 
 The supervisor (this process) starts the workers, starts a new one in place of any that
 dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or
-SIGINT passes the signal on and waits for the workers to finish the requests in flight
+SIGINT sends the workers SIGTERM and waits for them to finish the requests in flight
 (uvicorn's graceful shut-down). In the engine layout it also runs the engine process
 (:mod:`service.engine_server`): first, before any worker, and last. It imports neither
 torch nor the app.
@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import multiprocess
 
@@ -78,7 +78,12 @@ def stop_with(supervisor: int) -> None:
     elsewhere nothing happens)."""
     try:
         pidfd = os.pidfd_open(supervisor)
-    except (OSError, AttributeError):
+    except ProcessLookupError:  # it is gone already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot watch the supervisor (%s): this worker will outlive it if it is "
+                    "killed outright", exc)
         return
 
     def watch() -> None:
@@ -108,7 +113,10 @@ def _worker(options: dict[str, Any], engine_address: str | None, supervisor: int
 
 
 def _engine(address: str, control: Connection, log_config: dict) -> None:
-    die_with_parent(signal.SIGKILL)  # it ignores SIGTERM (see engine_server)
+    # Ignored from the start (importing torch takes seconds): see engine_server.engine_main.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
     from service.engine_server import engine_main  # here, in the child: torch stays out
 
     engine_main(address, control, log_config)
@@ -126,8 +134,15 @@ class _EngineProcess:
         child_end.close()
         log.info("started the engine process %d", self.process.pid)
 
-    def wait_ready(self) -> str | None:
-        """None once the engine is ready, else why it is not."""
+    def wait_ready(self, stopping: Callable[[], bool]) -> str | None:
+        """None once the engine is ready, else why it is not. Gives up, killing the engine,
+        as soon as ``stopping()``: a SIGTERM during warm-up (graph capture, a device that
+        hangs) must not wait for it."""
+        while not multiprocessing.connection.wait([self.control], timeout=0.2):
+            if stopping():
+                self.process.kill()
+                self.process.join()
+                return "stopped while the engine was starting"
         try:
             message = self.control.recv()
         except EOFError:
@@ -155,7 +170,7 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
     new one)."""
     # Workers are forked from one server process that has imported the app (torch, FastAPI,
     # pydantic) once: their memory then starts out shared with it, page for page, instead of
-    # each spawned worker building the same ~300 MB of modules and relocated libraries in
+    # each spawned worker building the same modules and relocated libraries again in
     # private memory (docs/benchmarks.md). The server never touches CUDA.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["service.preload"])
@@ -167,7 +182,7 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
     def start_engine() -> str | None:
         nonlocal engine_process
         engine_process = _EngineProcess(address, options["log_config"])
-        return engine_process.wait_ready()
+        return engine_process.wait_ready(lambda: stopping)
 
     def start() -> multiprocessing.Process:
         process = context.Process(target=_worker, args=(options, address, os.getpid()),

@@ -32,8 +32,9 @@ class RunningEngine:
     """An engine server on a thread, stopped the way the supervisor stops it."""
 
     def __init__(self, bundle, address, **overrides):
+        self.fatal: list[bool] = []  # a thread that failed (the real engine would exit)
         self.server = EngineServer(app_settings(bundle, **overrides), load_bundle(bundle),
-                                   address)
+                                   address, on_fatal=lambda: self.fatal.append(True))
         self.server.start()
         self.control, child = Pipe()
         self.thread = threading.Thread(target=self.server.serve, args=(child,), daemon=True)
@@ -45,6 +46,7 @@ class RunningEngine:
         self.control.send("stop")
         self.thread.join(30)
         assert not self.thread.is_alive()
+        assert not self.fatal, "an engine thread failed (see the log)"
 
 
 @pytest.fixture(params=DEVICES)

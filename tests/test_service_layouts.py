@@ -134,9 +134,9 @@ def test_an_engine_that_dies_at_once_stops_the_service_once(tiny_bundle, tmp_pat
 
 
 def test_a_killed_supervisor_takes_its_workers_and_engine_along(tiny_bundle, tmp_path):
-    """SIGKILL leaves the supervisor no chance to stop anything: the kernel's parent-death
-    signal ends the workers (through the fork server) and the engine, so nothing is left
-    holding the port, the device or the shared memory."""
+    """SIGKILL leaves the supervisor no chance to stop anything: the workers, watching it
+    through a pidfd, stop themselves, and the kernel's parent-death signal ends the engine,
+    so nothing is left holding the port, the device or the shared memory."""
     proc, base = start(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_WORKERS=2)
     try:
         wait_for(lambda: all_ready(base), 120, "ready")
