@@ -2,11 +2,12 @@
 the images of every HTTP worker into shared forward passes.
 
 Why a process of its own: on a GPU the model alone scores tens of thousands of images a
-second, while one Python process spends far more CPU than that allows per request on HTTP,
-multipart, decoding and the response. Workers that each hold a model would each need a CUDA context and
-would split the traffic into small batches. Here N workers do the per-request work on N
-cores, and this process does nothing per request but copy the image from the worker's shared
-memory into the batch and its score rows back (:mod:`service.slots`).
+second, while one Python process spends far more CPU than that allows per request on
+HTTP, multipart, decoding and the response. Workers that each hold a model would each need
+a CUDA context and would split the traffic into small batches. Here N workers do the
+per-request work on N cores, and this process does nothing per request but copy the image
+from the worker's shared memory into the batch and its score rows back
+(:mod:`service.slots`).
 
 Two threads: one accepts workers and reads their slot numbers into one queue; the other (the
 inference thread) takes up to ``max_batch_size`` images from it whenever the model is free,

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
         """``layout``, with ``auto`` decided. On a GPU one Python process cannot keep up
         with the device (HTTP, decoding and responses cost far more CPU per request than
         the GPU needs per image), and a model copy per process costs a CUDA context each
-        and splits the batches, so the workers share one engine. On the CPU the forward pass itself needs the cores,
-        and the replicated layout measured faster (docs/benchmarks.md)."""
+        and splits the batches, so the workers share one engine. On the CPU the forward
+        pass itself needs the cores, and the replicated layout measured faster
+        (docs/benchmarks.md)."""
         if self.layout != "auto":
             return self.layout
         return "engine" if cuda else "replicated"
