@@ -34,7 +34,6 @@ from service.schemas import (
 from service.settings import Settings
 from service.thresholds import Policy, Threshold, resolve_policy
 from training.bundle import Bundle
-from training.runtime import select_device
 
 log = logging.getLogger("oodserve")
 
@@ -43,11 +42,9 @@ class LocalScorer:
     """The model in this process: a :class:`Predictor` behind a :class:`Batcher`."""
 
     def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics):
-        cuda = select_device(settings.device).type == "cuda"
-        self.max_batch_size = settings.resolved_max_batch_size(cuda)
-        self.predictor = Predictor(bundle, settings.device, settings.precision,
-                                   self.max_batch_size, settings.resolved_torch_threads(),
-                                   settings.tune_malloc, settings.cuda_graphs)
+        self.predictor = Predictor.for_settings(bundle, settings,
+                                                settings.resolved_torch_threads())
+        self.max_batch_size = self.predictor.max_batch_size
         self.device = str(self.predictor.device)
         self.dtype_name = self.predictor.dtype_name
         self.batcher: Batcher[ImageScores] = Batcher(

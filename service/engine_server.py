@@ -50,7 +50,6 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.slots import EngineInfo, RecordReader, SlotArrays
 from training.bundle import Bundle, load_bundle
-from training.runtime import select_device
 
 log = logging.getLogger("oodserve")
 
@@ -86,11 +85,9 @@ class EngineServer:
                  on_fatal: Callable[[], None] = exit_process):
         self.on_fatal = on_fatal  # tests, which run the engine on a thread, record instead
         self.manifest = bundle.manifest
-        cuda = select_device(settings.device).type == "cuda"
-        self.max_batch_size = settings.resolved_max_batch_size(cuda)
-        self.predictor = Predictor(bundle, settings.device, settings.precision,
-                                   self.max_batch_size, settings.engine_torch_threads(),
-                                   settings.tune_malloc, settings.cuda_graphs)
+        self.predictor = Predictor.for_settings(bundle, settings,
+                                                settings.engine_torch_threads())
+        self.max_batch_size = self.predictor.max_batch_size
         self.info = EngineInfo(str(self.predictor.device), self.predictor.dtype_name,
                                self.max_batch_size)
         self.metrics = Metrics(self.manifest)
@@ -231,13 +228,17 @@ class EngineServer:
         groups: dict[_Worker, list[int]] = {}
         for job in batch:
             groups.setdefault(job.worker, []).append(job.slot)
+        # Each worker's images are one run of the batch: gathered in one copy, and their
+        # rows scattered back in one.
+        runs, position = [], 0
+        for worker, slots in groups.items():
+            runs.append((worker, slots, torch.tensor(slots),
+                         slice(position, position + len(slots))))
+            position += len(slots)
         try:
-            position = 0
-            for worker, slots in groups.items():  # each worker's images in one copy
-                index = torch.tensor(slots)
+            for worker, _, index, rows in runs:
                 torch.index_select(worker.arrays.inputs, 0, index,
-                                   out=self.predictor.staging[position:position + len(slots)])
-                position += len(slots)
+                                   out=self.predictor.staging[rows])
             floats, ints = self.predictor.run(len(batch))
         except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
             error_id = new_error_id()
@@ -250,12 +251,9 @@ class EngineServer:
             return
         finally:
             self.metrics.inference_duration.observe(time.perf_counter() - started)
-        position = 0
-        for worker, slots in groups.items():
-            index, rows = torch.tensor(slots), slice(position, position + len(slots))
+        for worker, slots, index, rows in runs:
             worker.arrays.floats.index_copy_(0, index, floats[rows])
             worker.arrays.ints.index_copy_(0, index, ints[rows])
-            position += len(slots)
             self._send(worker, slots, proto.OK)
 
     @staticmethod

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from service import allocator
+from service.settings import Settings
 from training.bundle import Bundle
 from training.evaluation import score_batch
 from training.runtime import select_device
@@ -129,6 +130,15 @@ class Predictor:
         self.use_graphs = cuda and cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._graph_input: torch.Tensor | None = None
+
+    @classmethod
+    def for_settings(cls, bundle: Bundle, settings: Settings, torch_threads: int) -> Predictor:
+        """The predictor the service's settings ask for, its largest batch resolved for the
+        device it lands on (the one place both layouts build it)."""
+        cuda = select_device(settings.device).type == "cuda"
+        return cls(bundle, settings.device, settings.precision,
+                   settings.resolved_max_batch_size(cuda), torch_threads,
+                   settings.tune_malloc, settings.cuda_graphs)
 
     @property
     def dtype_name(self) -> str:
