@@ -10,7 +10,7 @@ next pass faults them in again, zeroed. A batch of 8 CIFAR images makes 512 KiB 
 the first stage of ResNet-56; a single image's tensors (64 KiB) stay under the default
 threshold, so only batches pay.
 
-Measured on the Intel Xeon of 2026-12-03 (README, "Benchmarks (service)"), the default
+Measured on the Intel Xeon of 2026-12-03 (docs/benchmarks.md), the default
 ResNet-56 bundle through :class:`service.inference.Predictor`, one torch thread, two runs
 each: a batch of 8 cost 2.45-2.59 ms per image with the thresholds below against
 2.66-2.82 ms without; a single image 4.43-4.61 ms against 4.52-4.94 ms. Setting only one of
