@@ -116,6 +116,7 @@ def tiny_config(tiny_data, run_dir: Path, *extra: str):
         f"data.cache_dir={tiny_data['cache']}", "data.num_workers=0", "data.val_fraction=0.2",
         f"model.pretrained={RESNET20}", "train.batch_size=8", "train.aux_batch_size=16",
         "sampler.pool_size=32", "sampler.num_clusters=8", "train.device=cpu",
-        "loss.m_in=-12", "loss.m_out=-8", *extra,
+        "loss.m_in=-12", "loss.m_out=-8", "export.interpolation_candidates=[]",
+        "evaluation.validation_ood={}", *extra,
     ]
     return load_config("configs/cifar10_resnet20_gregplus.yaml", overrides)

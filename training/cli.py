@@ -8,10 +8,15 @@ Commands:
   calibrate thresholds, evaluate and write the bundle (:mod:`training.pipeline`).
 * ``average WEIGHTS WEIGHTS ... --out FILE``: the uniform mean of weights files of one
   network (:func:`training.weight_interpolation.average_states`), written as safetensors.
+* ``ablate --config FILE [overrides] [--modes ...] [--out DIR]``: one run per loss mode from
+  the same start and step budget, each measured like ``export`` measures, in one table
+  (:mod:`training.ablation`).
 * ``evaluate --bundle DIR | --config FILE [--weights FILE]  [--id SOURCE] --ood NAME=SOURCE
   ... [--out DIR]``: ID accuracy and OOD metrics (FPR95, AUROC, AUPR-In/Out, ID positive) of
   MSP, MaxLogit, energy and FeatureNorm (selected and last block), as a Markdown table, and
-  with ``--out`` also ``report.json`` and SVG plots.
+  with ``--out`` also ``report.json`` and SVG plots. With ``--bundle`` also the served
+  operating point: the share of ID images accepted and of each OOD set rejected at the
+  bundle's calibrated thresholds, per detector and per decision rule.
 
 Expected problems (bad config, missing data, unreadable image, wrong checkpoint) end with
 ``error: <message>`` and exit status 2, without a traceback.
@@ -80,11 +85,22 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from training.ablation import MODES, ablate
+
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    ablate(args.config, args.overrides, args.modes, Path(args.out))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from training.data.sources import open_dataset
-    from training.report import evaluate_model, figures, markdown
+    from training.report import evaluate_model, figures, markdown, operating_point, \
+        operating_point_markdown
     from training.runtime import select_device
 
     if bool(args.bundle) == bool(args.config):
@@ -106,6 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from training.data.sampling import stratified_split
         from training.models import build_model, load_weights
+        from training.pipeline import selection_indices
 
         cfg = load_config(args.config, args.overrides)
         pre, cache = cfg.data.preprocessing, cfg.data.cache_dir
@@ -117,8 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = build_model(cfg.model.name, **{"num_classes": len(classes), **cfg.model.options})
         load_weights(model, weights)
         train_idx, _ = stratified_split(train_set.targets, cfg.data.val_fraction, cfg.seed)
-        limit = cfg.evaluation.selection_images
-        kw = {"selection_set": Subset(train_set, train_idx[:limit] if limit else train_idx),
+        kw = {"selection_set": Subset(train_set, selection_indices(cfg, train_idx)),
               "seed": cfg.seed}
     if not id_source:
         raise ConfigError("give the labelled ID test set with --id SOURCE")
@@ -134,6 +150,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     md = markdown([result], f"Evaluation of {name}",
                   [f"ID: `{id_source}`; OOD: " + ", ".join(f"{n} `{s}`" for n, s in
                                                            ood_sources.items())])
+    if args.bundle:
+        # What the service does with these images at the bundle's calibrated thresholds.
+        op = operating_point(result, {d: c.threshold for d, c in m.calibration.items()},
+                             m.default_decision)
+        report["operating_point"] = op
+        md += "\n" + operating_point_markdown(op, "Served operating point (the bundle's "
+                                                   "calibrated thresholds)")
     if args.out:
         out = Path(args.out)
         (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -172,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="+", help="weights files (safetensors or torch)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("ablate", help="one run per loss mode from the same start and budget, "
+                       "measured alike, in one table")
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/...yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (every mode)")
+    p.add_argument("--modes", nargs="+", default=["ce", "energy", "greg", "greg+"])
+    p.add_argument("--out", default="runs/ablation", help="where ablation.md/.json go")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("evaluate", help="accuracy and OOD metrics of a bundle or weights")
     p.add_argument("--bundle", help="a bundle directory (its model, block and preprocessing)")

@@ -36,6 +36,10 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str = Field(..., description="labelled ID training source (see training.data.sources)")
     aux: str | None = Field(None, description="auxiliary outlier source (unlabelled)")
+    aux_val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="share of the auxiliary outliers training never sees: the validation "
+                    "outliers every model choice is made on (training.model_choice)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0,
                                 description="share of each class held out for calibration")
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
@@ -106,6 +110,10 @@ class EvaluationConfig(_Section):
     tpr: float = Field(0.95, gt=0.0, le=1.0, description="ID TPR the thresholds keep")
     selection_images: int | None = Field(
         None, ge=1, description="cap on ID training images for NormRatio; default all")
+    validation_ood: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> OOD source used, with the held-out auxiliary outliers, to choose "
+                    "the weights (training.model_choice); never a test set")
 
     @model_validator(mode="after")
     def _profile(self) -> EvaluationConfig:
@@ -123,6 +131,13 @@ class ExportConfig(_Section):
         None, ge=0.0, le=1.0,
         description="bundle weights = (1 - a) * model.pretrained + a * the run's weights "
                     "(WiSE-FT; training.weight_interpolation); null: the run's weights")
+    interpolation_candidates: list[float] = Field(
+        default_factory=list,
+        description="values of export.interpolation to choose from on validation data "
+                    "(training.model_choice); empty: no choice")
+    max_accuracy_drop: float = Field(
+        1.5, ge=0.0, le=100.0,
+        description="held-out ID accuracy points a candidate may lose against model.pretrained")
     average_with: list[str] = Field(
         default_factory=list,
         description="weights of other runs of the same network, averaged uniformly with this "
@@ -148,9 +163,22 @@ class RunConfig(_Section):
         if self.loss.mode == "greg+" and self.sampler.pool_size < self.outliers_per_step:
             raise ValueError(f"sampler.pool_size ({self.sampler.pool_size}) must be at least the "
                              f"{self.outliers_per_step} outliers picked per step")
-        if self.export.interpolation is not None and not self.model.pretrained:
+        ex = self.export
+        if (ex.interpolation is not None or ex.interpolation_candidates) \
+                and not self.model.pretrained:
             raise ValueError("export.interpolation mixes the run's weights with "
                              "model.pretrained: set model.pretrained")
+        if ex.interpolation is not None and ex.interpolation_candidates:
+            raise ValueError("set export.interpolation or export.interpolation_candidates, "
+                             "not both")
+        if any(not 0.0 <= a <= 1.0 for a in ex.interpolation_candidates):
+            raise ValueError("export.interpolation_candidates must lie in [0, 1]")
+        if ex.interpolation_candidates and not (
+                (self.data.aux and self.data.aux_val_fraction > 0)
+                or self.evaluation.validation_ood):
+            raise ValueError("export.interpolation_candidates are judged on validation "
+                             "outliers: set data.aux_val_fraction > 0 or "
+                             "evaluation.validation_ood")
         return self
 
     @property

@@ -4,12 +4,17 @@
 ``python -m training export --config F`` runs only the second half on a finished run. The
 steps, each on data the previous ones did not touch:
 
+0. **Choice of the weights** (with ``export.interpolation_candidates``): the interpolation
+   between the starting and the fine-tuned weights, on validation data only (held-out ID
+   images and outliers training never saw), before any test set is opened
+   (:mod:`training.model_choice`).
 1. **Block selection** on ID *training* images (outside the held-out split), jigsaw vs plain.
 2. **Calibration** of the energy and FeatureNorm thresholds on the held-out ID *validation*
    split, at ``evaluation.tpr``, plus their quantile tables.
 3. **Evaluation** on the ID *test* set and the OOD test sets of the config, for the trained
    model and for each baseline (e.g. the network before fine-tuning), each baseline with its
-   own selected block; the calibrated thresholds' operating point on the test sets.
+   own selected block; the served operating point on the test sets (what the calibrated
+   thresholds accept and reject, per detector and per decision rule).
 4. **Export**: weights, manifest, report (JSON, Markdown, SVG figures), README and licence
    notice in one bundle directory. With ``export.average_with`` the weights that are
    evaluated and exported are the mean of the run's and those other runs'; with
@@ -36,9 +41,11 @@ from training.data.sampling import stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
 from training.models import build_model, load_state, load_weights
+from training.model_choice import choose_interpolation
 from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
-    operating_point
+    operating_point, operating_point_markdown
 from training.runtime import select_device
+from training.trainer import aux_split
 from training.weight_interpolation import average_states, interpolate_states
 
 RESULT_NAME = "this model"
@@ -67,6 +74,41 @@ def _readme(cfg: RunConfig, name: str, command: str, md_head: str) -> str:
         "`NOTICE`, when present, is the licence notice of the initial weights.", ""])
 
 
+def selection_indices(cfg: RunConfig, train_idx: list[int]) -> list[int]:
+    """The ID training images FeatureNorm's block is selected on: all of ``train_idx``, or a
+    seeded random ``evaluation.selection_images`` of them (``train_idx`` is sorted, and so
+    grouped by class in class-ordered sources: its first images would be a few classes)."""
+    limit = cfg.evaluation.selection_images
+    if not limit or limit >= len(train_idx):
+        return list(train_idx)
+    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
+    return sorted(train_idx[i] for i in pick[:limit].tolist())
+
+
+def validation_ood_sets(cfg: RunConfig, run: dict[str, Any], transform) -> dict[str, Any]:
+    """The outlier sets model choices are judged on: the auxiliary outliers the run never
+    trained on (``aux-val``, checked against ``run.json``) and ``evaluation.validation_ood``."""
+    sets: dict[str, Any] = {}
+    if cfg.data.aux and cfg.data.aux_val_fraction > 0:
+        aux = open_dataset(cfg.data.aux, labeled=False, transform=transform,
+                           image_size=cfg.data.preprocessing.input_size,
+                           cache_dir=cfg.data.cache_dir)
+        held = aux_split(len(aux), cfg)[1]
+        recorded = run.get("aux_split", {}).get("val_indices")
+        if recorded and recorded != held:
+            raise ConfigError(f"{cfg.run_dir}/run.json holds another auxiliary validation "
+                              "split than the config gives; was the data or config changed?")
+        if run.get("config", {}).get("loss", {}).get("mode", "ce") != "ce" and not recorded:
+            raise ConfigError(f"{cfg.run_dir} trained on every auxiliary outlier (no "
+                              "aux_split in run.json): there are no unseen ones to choose on")
+        sets["aux-val"] = Subset(aux, held)
+    for name, source in cfg.evaluation.validation_ood.items():
+        sets[name] = open_dataset(source, labeled=False, transform=transform,
+                                  image_size=cfg.data.preprocessing.input_size,
+                                  cache_dir=cfg.data.cache_dir)
+    return sets
+
+
 def export_run(cfg: RunConfig, command: str = "") -> Path:
     """Turn the finished run of ``cfg`` into a bundle; returns the bundle directory."""
     ev, run_dir = cfg.evaluation, Path(cfg.run_dir)
@@ -87,21 +129,10 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     if val_idx != run["split"]["val_indices"]:
         raise ConfigError(f"{run_dir}/run.json holds another validation split than the config "
                           "gives; was the data or config changed after training?")
-    if ev.selection_images and ev.selection_images < len(train_idx):
-        pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
-        train_idx = sorted(train_idx[i] for i in pick[:ev.selection_images].tolist())
-    selection, val = Subset(full, train_idx), Subset(full, val_idx)
-    id_test = open_dataset(ev.id_test, labeled=True, transform=tf, cache_dir=cache)
-    if list(id_test.classes) != run["classes"]:
-        raise ConfigError(f"{ev.id_test} has classes {list(id_test.classes)}, the model "
-                          f"{run['classes']}")
-    ood_sets = {n: open_dataset(s, labeled=False, transform=tf, image_size=pre.input_size,
-                                cache_dir=cache) for n, s in ev.ood.items()}
+    selection, val = Subset(full, selection_indices(cfg, train_idx)), Subset(full, val_idx)
     device = select_device(cfg.train.device)
-    kw = {"selection_set": selection, "id_test": id_test, "ood_sets": ood_sets,
-          "device": device, "seed": cfg.seed, "batch_size": cfg.train.eval_batch_size,
-          "num_workers": cfg.data.num_workers}
     options = {"num_classes": len(run["classes"]), **cfg.model.options}
+    score_kw = {"batch_size": cfg.train.eval_batch_size, "num_workers": cfg.data.num_workers}
 
     def load(path) -> torch.nn.Module:
         model = build_model(cfg.model.name, **options)
@@ -113,15 +144,32 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         soup = average_states([load(p).state_dict() for p in cfg.export.average_with]
                               + [model.state_dict()])
         load_state(model, soup, source=f"the mean of {weights} and export.average_with")
-    if cfg.export.interpolation is not None:
+    alpha, choice = cfg.export.interpolation, None
+    if cfg.export.interpolation_candidates:
+        # Before any test set is opened: the choice sees validation data only.
+        choice = choose_interpolation(
+            model, load(cfg.model.pretrained).state_dict(),
+            {k: v.clone() for k, v in model.state_dict().items()},
+            cfg.export.interpolation_candidates, val_id=val,
+            val_ood=validation_ood_sets(cfg, run, tf), max_drop=cfg.export.max_accuracy_drop,
+            device=device, **score_kw)
+        alpha = choice.chosen.alpha
+    elif alpha is not None:
         start = load(cfg.model.pretrained).state_dict()
-        mixed = interpolate_states(start, model.state_dict(), cfg.export.interpolation)
+        mixed = interpolate_states(start, model.state_dict(), alpha)
         load_state(model, mixed, source=f"{cfg.model.pretrained} x {weights}")
+
+    id_test = open_dataset(ev.id_test, labeled=True, transform=tf, cache_dir=cache)
+    if list(id_test.classes) != run["classes"]:
+        raise ConfigError(f"{ev.id_test} has classes {list(id_test.classes)}, the model "
+                          f"{run['classes']}")
+    ood_sets = {n: open_dataset(s, labeled=False, transform=tf, image_size=pre.input_size,
+                                cache_dir=cache) for n, s in ev.ood.items()}
+    kw = {"selection_set": selection, "id_test": id_test, "ood_sets": ood_sets,
+          "device": device, "seed": cfg.seed, **score_kw}
     result = evaluate_model(RESULT_NAME, model, **kw)
     sel = result.selected_block
-    val_scores = score_dataset(model, val, device, taps=[sel],
-                               batch_size=cfg.train.eval_batch_size,
-                               num_workers=cfg.data.num_workers)
+    val_scores = score_dataset(model, val, device, taps=[sel], **score_kw)
     calibration = {
         "energy": calibrate_score(val_scores["energy"], False, ev.tpr),
         "featurenorm": calibrate_score(val_scores[f"featurenorm/{sel}"], True, ev.tpr),
@@ -144,21 +192,21 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     if cfg.export.average_with:
         end = "the mean of " + ", ".join(f"`{p}`" for p in [weights, *cfg.export.average_with])
         notes.append(f"Fine-tuned weights: {end} (export.average_with: a model soup)")
-    if (a := cfg.export.interpolation) is not None:
-        notes.append(f"Weights of this model: {1 - a:g} x `{cfg.model.pretrained}` + {a:g} x "
-                     f"{end} (export.interpolation: weight-space interpolation, WiSE-FT)")
+    if alpha is not None:
+        how = ("chosen on validation data, below" if choice else
+               "export.interpolation")
+        notes.append(f"Weights of this model: {1 - alpha:g} x `{cfg.model.pretrained}` + "
+                     f"{alpha:g} x {end} (weight-space interpolation, WiSE-FT; {how})")
     md = markdown([result, *baselines], f"Evaluation of {name}", notes)
-    md += "\n## Calibrated thresholds on the test sets\n\n| score | threshold | ID TPR % | " \
-          + " | ".join(f"{s} FPR %" for s in ev.ood) + " |\n|---|---|---|" \
-          + "---|" * len(ev.ood) + "\n"
-    for det, p in op.items():
-        md += f"| {det} | {p['threshold']:.4f} | {100 * p['id_tpr']:.2f} | " + " | ".join(
-            f"{100 * p['ood_fpr'][s]:.2f}" for s in ev.ood) + " |\n"
+    md += "\n" + operating_point_markdown(op, "Served operating point on the test sets")
+    if choice:
+        md += "\n" + choice.markdown()
     report = {"id_test": ev.id_test, "ood": ev.ood, "tpr": ev.tpr,
               "selection_images": len(selection), "calibration_images": len(val),
               "detectors": list(DETECTORS),
               "models": {r.name: r.to_json() for r in [result, *baselines]},
-              "baselines": ev.baselines, "operating_point": op}
+              "baselines": ev.baselines, "operating_point": op,
+              "choice": choice.to_json() if choice else None}
     files = {"report.json": json.dumps(report, indent=1) + "\n", "report.md": md,
              "README.md": _readme(cfg, name, command or "python -m training build --config "
                                   "<config>", md.split("\n## ")[0])}
@@ -176,6 +224,7 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         "calibration": calibration,
         "evaluation": {"id_test": ev.id_test, "tpr": ev.tpr, **_summary(result),
                        "operating_point": op,
+                       "choice": choice.to_json() if choice else None,
                        "baselines": {r.name: _summary(r) for r in baselines}},
         "training": cfg.model_dump(mode="json"),
         "provenance": {**source_provenance({"train": cfg.data.train, "aux": cfg.data.aux,

@@ -11,8 +11,8 @@ tapped, and measures the detectors
 
 with :func:`training.metrics.ood_metrics` (FPR95 with ID positive, AUROC, AUPR-In/Out), plus
 ID accuracy and the AUROC of FeatureNorm at every block (for the block profile plot).
-:func:`write_report` turns one or more such results into ``report.json``, ``report.md`` and
-SVG figures.
+:func:`markdown`, :func:`operating_point_markdown` and :func:`figures` turn results into what
+``report.md`` and ``plots/`` hold.
 """
 
 from __future__ import annotations
@@ -93,17 +93,38 @@ def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset, ood_
                        per_block, scores)
 
 
-def operating_point(result: ModelResult, thresholds: dict[str, float]) -> dict[str, Any]:
-    """What the calibrated thresholds do on the test sets: ID TPR and each OOD set's FPR."""
-    out: dict[str, Any] = {}
-    for det, thr in thresholds.items():
-        higher = DIRECTION[det]
-        entry = {"threshold": thr,
-                 "id_tpr": float(1 - is_ood(result.scores["id"][det], thr, higher).mean())}
-        entry["ood_fpr"] = {s: float(1 - is_ood(v[det], thr, higher).mean())
-                            for s, v in result.scores.items() if s != "id"}
-        out[det] = entry
-    return out
+def operating_point(result: ModelResult, thresholds: dict[str, float],
+                    default_decision: str = "any") -> dict[str, Any]:
+    """What the service will do at ``thresholds`` (the served detectors' thresholds, e.g. a
+    bundle's calibrated ones): the share of ID test images accepted and of each OOD set
+    rejected, per detector and for the rules that combine them (``any``: OOD when either
+    detector says so; ``all``: when both do), the same decisions as the service's
+    ``Policy.decide`` (both go through :func:`training.calibration.is_ood`)."""
+    def flags(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {d: is_ood(scores[d], t, DIRECTION[d]) for d, t in thresholds.items()}
+        stacked = np.stack(list(out.values()))
+        return out | {"any": stacked.any(axis=0), "all": stacked.all(axis=0)}
+
+    id_flags = flags(result.scores["id"])
+    return {"thresholds": dict(thresholds), "default_decision": default_decision,
+            "id_accepted": {k: float(1 - v.mean()) for k, v in id_flags.items()},
+            "ood_rejected": {s: {k: float(v.mean()) for k, v in flags(scores).items()}
+                             for s, scores in result.scores.items() if s != "id"}}
+
+
+def operating_point_markdown(op: dict[str, Any], heading: str) -> str:
+    """The operating point as a table: one row per detector or rule, the default marked."""
+    sets = list(op["ood_rejected"])
+    lines = [f"## {heading}", "",
+             "Thresholds: " + ", ".join(f"{d} {t:.4f}" for d, t in op["thresholds"].items())
+             + f". Default decision rule: `{op['default_decision']}`.", "",
+             "| decision | ID accepted % | " + " | ".join(f"{s} rejected %" for s in sets)
+             + " |", "|---|---|" + "---|" * len(sets)]
+    for key, accepted in op["id_accepted"].items():
+        label = f"**{key} (default)**" if key == op["default_decision"] else key
+        lines.append(f"| {label} | {_pct(accepted)} | " + " | ".join(
+            _pct(op["ood_rejected"][s][key]) for s in sets) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v: float) -> str:

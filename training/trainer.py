@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from training.config import ConfigError, RunConfig
 from training.data.archives import source_provenance
-from training.data.sampling import SeededItems, StepBatches, mix_seed, stratified_split
+from training.data.sampling import SeededItems, StepBatches, mix_seed, random_split, \
+    stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
 from training.losses import GRegLoss
@@ -53,7 +54,7 @@ RESUMABLE_CHANGES = ("data.num_workers", "data.cache_dir", "train.checkpoint_eve
 def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
 # Streams of the seed mixer, so that no two random sources share draws.
-ID_STREAM, AUX_STREAM, SAMPLER_STREAM, PROBE_STREAM = 1, 2, 3, 4
+ID_STREAM, AUX_STREAM, SAMPLER_STREAM, PROBE_STREAM, AUX_VAL_STREAM = 1, 2, 3, 4, 5
 AUX_PROBE_SIZE = 2000
 
 
@@ -69,6 +70,7 @@ class Prepared:
     classes: list[str]
     train_indices: list[int]
     val_indices: list[int]
+    aux_val_indices: list[int]
     steps_per_epoch: int
 
 
@@ -81,6 +83,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def aux_split(num_outliers: int, cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """(training, validation) indices of the auxiliary outliers: ``data.aux_val_fraction`` of
+    them, drawn with the run's seed, are never trained on, so model choices (interpolation,
+    recipe) can be judged on outliers the model has not seen (:mod:`training.model_choice`)."""
+    return random_split(num_outliers, cfg.data.aux_val_fraction,
+                        mix_seed(cfg.seed, AUX_VAL_STREAM))
 
 
 def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
@@ -100,14 +110,21 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         val_set = Subset(val_full, val_idx)
 
     aux_set = aux_probe = None
+    aux_train_idx: list[int] = []
+    aux_val_idx: list[int] = []
     if cfg.loss.mode != "ce":
-        aux_set = SeededItems(open_dataset(cfg.data.aux, labeled=False, transform=train_tf,
-                                           cache_dir=cfg.data.cache_dir))
+        aux_train = open_dataset(cfg.data.aux, labeled=False, transform=train_tf,
+                                 cache_dir=cfg.data.cache_dir)
+        aux_train_idx, aux_val_idx = aux_split(len(aux_train), cfg)
+        aux_set = SeededItems(Subset(aux_train, aux_train_idx))
+        # The progress probe: outliers training never sees when there is a validation split
+        # (an honest signal), otherwise a sample of the training outliers.
         aux_eval = open_dataset(cfg.data.aux, labeled=False, transform=pre.eval_transform(),
                                 cache_dir=cfg.data.cache_dir)
-        probe = torch.randperm(len(aux_eval), generator=torch.Generator().manual_seed(
+        pool = aux_val_idx or aux_train_idx
+        probe = torch.randperm(len(pool), generator=torch.Generator().manual_seed(
             mix_seed(cfg.seed, PROBE_STREAM)))[:AUX_PROBE_SIZE]
-        aux_probe = Subset(aux_eval, probe.tolist())
+        aux_probe = Subset(aux_eval, [pool[i] for i in probe.tolist()])
 
     options = dict(cfg.model.options)
     if options.setdefault("num_classes", len(classes)) != len(classes):
@@ -125,7 +142,7 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     return Prepared(cfg, runtime, model.to(runtime.device), train_set, val_set, aux_set,
-                    aux_probe, classes, train_idx, val_idx, steps)
+                    aux_probe, classes, train_idx, val_idx, aux_val_idx, steps)
 
 
 def lr_factor(cfg: RunConfig, steps_per_epoch: int):
@@ -371,6 +388,9 @@ class Trainer:
             "preprocessing": cfg.data.preprocessing.model_dump(mode="json"),
             "split": {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction,
                       "train_count": len(self.p.train_indices), "val_indices": self.p.val_indices},
+            "aux_split": {"seed": mix_seed(cfg.seed, AUX_VAL_STREAM),
+                          "val_fraction": cfg.data.aux_val_fraction,
+                          "val_indices": self.p.aux_val_indices},
             "provenance": provenance,
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "device": str(self.rt.device), "processes": self.rt.world},

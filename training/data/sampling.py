@@ -110,3 +110,16 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
         held += [indices[i] for i in order[:k].tolist()]
         train += [indices[i] for i in order[k:].tolist()]
     return sorted(train), sorted(held)
+
+
+def random_split(num_items: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(num_items)`` into (train, held-out) with ``fraction`` held out at random.
+
+    For unlabelled sets (the auxiliary outliers), where there is no class to stratify by. The
+    held-out part is a pure function of the size, the fraction and the seed.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    order = permutation(num_items, seed).tolist()
+    k = round(fraction * num_items)
+    return sorted(order[k:]), sorted(order[:k])
