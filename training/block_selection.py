@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.evaluation import score_batch
 from training.models import TappedClassifier
+from training.progress import progress
 
 GRID = 3
 # Guards the division when a block is silent (all-zero after ReLU) on a jigsaw image.
@@ -81,7 +82,7 @@ def norm_ratios(model: TappedClassifier, dataset: Dataset, device: torch.device,
     was_training = model.training
     model.eval()
     try:
-        for images, _ in loader:
+        for images, _ in progress(loader, "NormRatio per block"):
             images = images.to(device)
             plain = score_batch(model, images, blocks)
             shuffled = score_batch(model, jigsaw(images, generator), blocks)

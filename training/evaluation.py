@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training import scores
 from training.models.base import TappedClassifier
+from training.progress import progress
 
 
 @torch.no_grad()
@@ -41,8 +42,9 @@ def score_batch(model: TappedClassifier, images: torch.Tensor,
 
 def score_dataset(model: TappedClassifier, dataset: Dataset, device: torch.device,
                   taps: Iterable[str] = (), batch_size: int = 256,
-                  num_workers: int = 0) -> dict[str, np.ndarray]:
-    """:func:`score_batch` over ``dataset`` (items ``(image, label)``), plus ``label``."""
+                  num_workers: int = 0, desc: str = "scoring") -> dict[str, np.ndarray]:
+    """:func:`score_batch` over ``dataset`` (items ``(image, label)``), plus ``label``;
+    ``desc`` names the progress bar."""
     taps = list(taps)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -50,7 +52,7 @@ def score_dataset(model: TappedClassifier, dataset: Dataset, device: torch.devic
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     try:
-        for images, labels in loader:
+        for images, labels in progress(loader, desc):
             batch = score_batch(model, images.to(device, non_blocking=True), taps)
             batch["label"] = torch.as_tensor(labels)
             for key, value in batch.items():

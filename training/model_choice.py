@@ -98,12 +98,12 @@ RULE = ("Rule: among the candidates whose held-out ID accuracy is at most the al
 def validate(model: TappedClassifier, val_id: Dataset, val_ood: dict[str, Dataset],
              device: torch.device, **kw) -> tuple[float, dict[str, float], dict[str, float]]:
     """Held-out accuracy and energy FPR95 / AUROC (ID positive) per validation outlier set."""
-    ident = score_dataset(model, val_id, device, **kw)
+    ident = score_dataset(model, val_id, device, desc="choice: held-out ID", **kw)
     accuracy = float((ident["pred"] == ident["label"]).mean())
     fpr, auroc = {}, {}
     for name, dataset in val_ood.items():
-        m = ood_metrics(ident["energy"], score_dataset(model, dataset, device, **kw)["energy"],
-                        higher_is_id=False)
+        scored = score_dataset(model, dataset, device, desc=f"choice: {name}", **kw)
+        m = ood_metrics(ident["energy"], scored["energy"], higher_is_id=False)
         fpr[name], auroc[name] = m["fpr95"], m["auroc"]
     return accuracy, fpr, auroc
 

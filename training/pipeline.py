@@ -44,6 +44,7 @@ from training.models import build_model, load_state, load_weights
 from training.model_choice import choose_interpolation
 from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
     operating_point, operating_point_markdown
+from training.progress import step
 from training.runtime import select_device
 from training.trainer import aux_split
 from training.weight_interpolation import average_states, interpolate_states
@@ -147,6 +148,8 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     alpha, choice = cfg.export.interpolation, None
     if cfg.export.interpolation_candidates:
         # Before any test set is opened: the choice sees validation data only.
+        step(f"choosing the interpolation among {cfg.export.interpolation_candidates} on "
+             "validation data")
         choice = choose_interpolation(
             model, load(cfg.model.pretrained).state_dict(),
             {k: v.clone() for k, v in model.state_dict().items()},
@@ -167,15 +170,19 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
                                 cache_dir=cache) for n, s in ev.ood.items()}
     kw = {"selection_set": selection, "id_test": id_test, "ood_sets": ood_sets,
           "device": device, "seed": cfg.seed, **score_kw}
+    step(f"selecting the FeatureNorm block on {len(selection)} training images, then "
+         f"scoring the test sets ({len(id_test)} ID, {len(ood_sets)} OOD sets)")
     result = evaluate_model(RESULT_NAME, model, **kw)
     sel = result.selected_block
-    val_scores = score_dataset(model, val, device, taps=[sel], **score_kw)
+    val_scores = score_dataset(model, val, device, taps=[sel], desc="calibration", **score_kw)
     calibration = {
         "energy": calibrate_score(val_scores["energy"], False, ev.tpr),
         "featurenorm": calibrate_score(val_scores[f"featurenorm/{sel}"], True, ev.tpr),
     }
     thresholds = {k: c.threshold for k, c in calibration.items()}
     op = operating_point(result, thresholds)
+    if ev.baselines:
+        step(f"evaluating the baselines {list(ev.baselines)} alike")
     baselines = [evaluate_model(name, load(path), **kw) for name, path in ev.baselines.items()]
 
     name = cfg.export.name or run_dir.name

@@ -77,12 +77,13 @@ def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset, ood_
         ratios = norm_ratios(model, selection_set, device, blocks, seed=seed, **kw)
         selected_block = select_block(ratios)
     last = blocks[-1]
-    raw_id = score_dataset(model, id_test, device, taps=blocks, **kw)
+    raw_id = score_dataset(model, id_test, device, taps=blocks, desc=f"{name}: ID test", **kw)
     accuracy = float((raw_id["pred"] == raw_id["label"]).mean())
     scores = {"id": _detector_scores(raw_id, selected_block, last)}
     ood, per_block = {}, {}
     for set_name, dataset in ood_sets.items():
-        raw = score_dataset(model, dataset, device, taps=blocks, **kw)
+        raw = score_dataset(model, dataset, device, taps=blocks, desc=f"{name}: {set_name}",
+                            **kw)
         scores[set_name] = _detector_scores(raw, selected_block, last)
         ood[set_name] = {d: ood_metrics(scores["id"][d], scores[set_name][d], DIRECTION[d])
                          for d in DETECTORS}

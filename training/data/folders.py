@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from training.data.archives import default_cache_dir
+from training.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -73,7 +74,8 @@ def verify_images(paths: Sequence[Path], cache_dir: str | Path | None = None) ->
         return None
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for problem in pool.map(check, paths, chunksize=256):
+        for problem in progress(pool.map(check, paths, chunksize=256),
+                                f"checking {len(paths)} images once", len(paths), "image"):
             if problem:
                 raise ValueError(f"unreadable image {problem}")
     stamp.parent.mkdir(parents=True, exist_ok=True)
