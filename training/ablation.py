@@ -96,6 +96,7 @@ def ablate(config: str, overrides: list[str], modes: list[str], out: Path) -> Pa
                      "train_seconds": seconds,
                      "id_accuracy": result.id_accuracy, "selected_block": result.selected_block,
                      "ood": result.ood})
+    rows.sort(key=lambda r: MODES.index(r["mode"]))
     cfg = load_config(config, overrides)
     md = [f"# Ablation of `{config}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
           "", f"Start: `{cfg.model.pretrained}`; each mode trained with the same optimiser, "
