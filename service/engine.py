@@ -19,7 +19,7 @@ import torch
 
 from service.batcher import Batcher, QueueFull
 from service.bundle_check import BundleCheck
-from service.decoding import Decoder, ImageRejected
+from service.decoding import Decoder, ImageRejected, PixelBudget
 from service.engine_client import EngineClient
 from service.errors import ServiceError
 from service.inference import ImageScores, Predictor
@@ -68,6 +68,16 @@ class LocalScorer:
         await self.batcher.stop()
 
 
+class RequestDecoding:
+    """One request's share of the decoding: its pixel budget, and a limit on how many of
+    its images are in the decode pool at once, so that a request of many images cannot
+    monopolise the pool (the images of other requests queue behind at most that many)."""
+
+    def __init__(self, max_pixels: int, concurrency: int):
+        self.budget = PixelBudget(max_pixels)
+        self.slots = asyncio.Semaphore(concurrency)
+
+
 class Engine:
     def __init__(self, settings: Settings, bundle: Bundle, engine_address: Path | None = None):
         self.settings = settings
@@ -88,6 +98,8 @@ class Engine:
         self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
                                                thread_name_prefix="oodserve-decode")
+        # A request's fair share of the pool: half of it (at least one thread).
+        self.decodes_per_request = max(1, settings.resolved_decode_workers() // 2)
         self.default_policy = resolve_policy(self.manifest)
         self.bundle_check = BundleCheck(bundle)
         self.ready = False
@@ -134,12 +146,21 @@ class Engine:
         self._decode_pool.shutdown(wait=True)
         self.metrics.mark_process_dead()
 
-    async def predict(self, data: bytes, policy: Policy, top_k: int) -> Prediction:
-        """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made."""
+    def request_decoding(self) -> RequestDecoding:
+        """A new request's decoding share (pass it to :meth:`predict` for each image)."""
+        return RequestDecoding(self.settings.max_request_pixels, self.decodes_per_request)
+
+    async def predict(self, data: bytes, policy: Policy, top_k: int,
+                      decoding: RequestDecoding | None = None) -> Prediction:
+        """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made
+        (:class:`~service.decoding.RequestTooLarge`: the request's pixel budget is spent)."""
         loop = asyncio.get_running_loop()
+        decoding = decoding or self.request_decoding()
         try:
-            with self.scorer.preparing():
-                image = await loop.run_in_executor(self._decode_pool, self.decoder, data)
+            async with decoding.slots:
+                with self.scorer.preparing():
+                    image = await loop.run_in_executor(self._decode_pool, self.decoder, data,
+                                                       decoding.budget)
         except ImageRejected as exc:
             self.metrics.image_errors.labels(exc.code).inc()
             raise

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         10 * 1024 * 1024, ge=1024, description="request body limit, checked while streaming")
     max_image_pixels: int = Field(
         25_000_000, ge=64, description="width x height limit of one image before decoding")
+    max_request_pixels: int = Field(
+        32_000_000, ge=64, description="decoded pixels of all a request's images together "
+                                       "(a large JPEG counts at the reduced scale it is "
+                                       "decoded at); beyond it the request gets 413")
     max_batch_images: int = Field(64, ge=1, le=1024, description="images per batch request")
     top_k: int = Field(5, ge=1, description="default number of classes in top_k")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

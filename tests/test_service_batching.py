@@ -98,10 +98,10 @@ def slow_decoding(monkeypatch) -> tuple[bytes, threading.Event]:
     slow, release = png(noise_image(301)), threading.Event()
     decode = Decoder.__call__
 
-    def held(self, data):
+    def held(self, data, *rest):
         if data == slow:
             release.wait(timeout=20)
-        return decode(self, data)
+        return decode(self, data, *rest)
 
     monkeypatch.setattr(Decoder, "__call__", held)
     return slow, release

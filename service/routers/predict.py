@@ -1,10 +1,13 @@
 """``POST /predict`` (one image) and ``POST /predict/batch`` (several, one result each).
 
-Per-request parameters are query parameters (:class:`~service.schemas.PredictParams`): the
-body is the multipart upload alone. Responses are serialised once, straight from the
-pydantic models, instead of being validated a second time by FastAPI.
+Per-request parameters (:class:`~service.schemas.PredictParams`) are query parameters or
+text fields of the multipart form, one parameter set with the same validation: a parameter
+given both ways must have the same value, and any other form field (an unknown text field, a
+file part named otherwise than ``image``/``images``, a second ``image`` on ``/predict``) is a
+422, never ignored. Responses are serialised once, straight from the pydantic models,
+instead of being validated a second time by FastAPI.
 
-The query parameters are validated by :func:`predict_params` with pydantic directly rather
+The parameters are validated by :func:`params_dependency` with pydantic directly rather
 than declared as ``Annotated[PredictParams, Query()]``: for a query model, FastAPI inspects
 every field's annotation again on each request, which took about a quarter of this route's
 own time (cProfile, forward pass stubbed out), for a query string that is nearly always
@@ -23,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from service.decoding import RequestTooLarge
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ServiceError
 from service.middleware import START_KEY
@@ -51,16 +55,67 @@ QUERY_PARAMETERS = [
 ]
 
 
-async def predict_params(request: Request) -> PredictParams:
-    """The request's query parameters; 422 (``invalid_request``) for a bad or unknown one.
-    A repeated parameter counts with its last value, as FastAPI reads scalar parameters."""
-    if not request.query_params:
-        return NO_PARAMS
+def _invalid(errors: list[tuple[tuple, str]]) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg,
+                                    "input": None} for loc, msg in errors])
+
+
+def params_dependency(file_field: str, single: bool):
+    """The dependency that reads a predict route's parameters: the query string and the
+    form's text fields (FastAPI has already parsed the body, so ``request.form()`` is the
+    cached form), with ``file_field`` the route's only file field."""
+
+    async def predict_params(request: Request) -> PredictParams:
+        """422 (``invalid_request``) for a bad or unknown parameter, a parameter given twice
+        with different values (in the query and the form, or twice in the form), a file
+        part under another name, or (``single``) more than one file. A parameter repeated
+        in the query string counts with its last value, as FastAPI reads scalar
+        parameters."""
+        query = dict(request.query_params)
+        form = await request.form()  # parsed already, with the limits: FastAPI's cache
+        if not form:
+            if not query:
+                return NO_PARAMS
+            return _validate(query, {}, [])
+        fields: dict[str, str] = {}
+        problems: list[tuple[tuple, str]] = []
+        files = texts = 0
+        for name, value in form.multi_items():
+            if name == file_field:
+                files += not isinstance(value, str)
+                texts += isinstance(value, str)
+            elif not isinstance(value, str):
+                problems.append((("form", name), f"unexpected file field; the image goes "
+                                 f"in `{file_field}`"))
+            elif name in fields and fields[name] != value:
+                problems.append((("form", name), "given twice with different values"))
+            elif name in query and query[name] != value:
+                problems.append((("form", name), "given in the query and the form with "
+                                 "different values"))
+            else:
+                fields[name] = value
+        if not files:  # said here, as FastAPI would, so that it is not hidden by the rest
+            problems.append((("body", file_field), "Expected UploadFile, received a text "
+                             "field" if texts else "Field required"))
+        if single and files > 1:
+            problems.append((("form", file_field), f"{files} files; /predict takes one "
+                             "image, send several to /predict/batch"))
+        return _validate(query, fields, problems)
+
+    return predict_params
+
+
+def _validate(query: dict[str, str], fields: dict[str, str],
+              problems: list[tuple[tuple, str]]) -> PredictParams:
     try:
-        return PredictParams.model_validate(dict(request.query_params))
+        params = PredictParams.model_validate({**query, **fields})
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]) from None
+        problems += [((("form" if e["loc"] and e["loc"][0] in fields else "query"),
+                       *e["loc"]), e["msg"]) for e in exc.errors()]
+        params = None
+    if problems:
+        raise _invalid(problems)
+    return params
 
 
 def _policy(engine: Engine, params: PredictParams) -> Policy:
@@ -90,7 +145,7 @@ def _json(model) -> Response:
 async def predict(
     request: Request,
     image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF")],
-    params: Annotated[PredictParams, Depends(predict_params)],
+    params: Annotated[PredictParams, Depends(params_dependency("image", single=True))],
     engine: Annotated[Engine, Depends(get_engine)],
 ) -> Response:
     prediction = await engine.predict(await image.read(), _policy(engine, params),
@@ -105,23 +160,35 @@ async def predict(
 async def predict_batch(
     request: Request,
     images: Annotated[list[UploadFile], File(description="one part per image, in order")],
-    params: Annotated[PredictParams, Depends(predict_params)],
+    params: Annotated[PredictParams, Depends(params_dependency("images", single=False))],
     engine: Annotated[Engine, Depends(get_engine)],
 ) -> Response:
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
     policy, top_k = _policy(engine, params), _top_k(engine, params)
+    decoding = engine.request_decoding()  # one pixel budget and pool share for them all
 
     async def one(index: int, upload: UploadFile) -> BatchItem:
         try:
-            prediction = await engine.predict(await upload.read(), policy, top_k)
+            prediction = await engine.predict(await upload.read(), policy, top_k, decoding)
         except ServiceError as exc:
-            if exc.status >= 500:  # the server, not the image: fail the whole request
+            # The server (5xx: a failed pass, overload), not the image, or the request as a
+            # whole (its pixel budget): fail the whole request.
+            if exc.status >= 500 or isinstance(exc, RequestTooLarge):
                 raise
             return BatchItem(index=index, filename=upload.filename,
                              error=ErrorBody(code=exc.code, message=exc.message))
         return BatchItem(index=index, filename=upload.filename, prediction=prediction)
 
-    results = await asyncio.gather(*(one(i, f) for i, f in enumerate(images)))
+    tasks = [asyncio.ensure_future(one(i, f)) for i, f in enumerate(images)]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        # The request has failed: its other images are neither decoded nor scored (those
+        # still queued are dropped by the batcher, whose futures are cancelled here).
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return _json(BatchResponse(model=engine.model_ref, results=list(results),
                                server_time_ms=_elapsed_ms(request)))
