@@ -81,6 +81,8 @@ def main() -> None:
 
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                "access_log": settings.access_log,
+               # No `server: uvicorn`; the head limits and JSON errors of service.http_protocol.
+               "server_header": False, "http": "service.http_protocol:HttpProtocol",
                "log_config": _log_config(settings.log_level)}
     engine = layout == "engine"
     if workers > 1 or engine or "PROMETHEUS_MULTIPROC_DIR" in os.environ:

@@ -22,7 +22,12 @@ from fastapi import FastAPI, Security
 
 from service.engine import Engine
 from service.errors import install_error_handlers
-from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service import http_protocol
+from service.middleware import (
+    BodyLimitMiddleware,
+    EarlyAnswerMiddleware,
+    RequestMetricsMiddleware,
+)
 from service.routers import health, metrics, predict
 from service.security import BEARER
 from service.settings import Settings
@@ -79,8 +84,14 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                   form_limits={"max_files": settings.max_batch_images, "max_fields": 16})
     app.state.settings = settings
     app.state.engine = None
+    http_protocol.configure(settings)  # the server's head limits, in this process
+    # python-multipart logs parser warnings that quote the body: not in our logs.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes,
+                       read_timeout_s=settings.read_timeout_s)
+    app.add_middleware(EarlyAnswerMiddleware, max_drain_bytes=settings.max_drain_bytes,
+                       timeout_s=settings.read_timeout_s)
     app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, sees every status
     # With a key, the predict routes declare the bearer scheme in the OpenAPI schema (the
     # check itself is PredictRoute's, before the body is read).

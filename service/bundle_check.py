@@ -8,7 +8,9 @@ after a restart, or would come back serving something else, so ``/readyz`` says 
 call compares the manifest and weights files' ``stat`` with the last check's, and when they
 changed reads the manifest again and hashes the weights; anything but the served bundle
 makes ``/readyz`` answer 503 with the reason (and logs it once), until the files are
-restored or the service is restarted on the new ones.
+restored or the service is restarted on the new ones. The reason ``/readyz`` gives names
+files relative to the bundle and no hashes (``/readyz`` is open to anyone); the log line
+adds the bundle's path and the hashes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class BundleCheck:
         self._lock = threading.Lock()
         self._signature: Signature | None = None
         self.problem: str | None = None
+        self._detail = ""  # for the log only: what /readyz does not show
 
     def _stat(self) -> Signature:
         def one(path: Path) -> tuple[int, int, int, int] | None:
@@ -50,25 +53,27 @@ class BundleCheck:
     def _verify(self) -> str | None:
         """What is wrong with the files (None: they are the bundle being served)."""
         manifest_file, weights = self._files
+        self._detail = ""
         if not self.path.is_dir():
-            return f"bundle directory not found: {self.path}"
+            return "bundle directory not found"
         try:
             on_disk = Manifest.model_validate_json(manifest_file.read_bytes())
         except OSError as exc:
-            return f"{manifest_file}: cannot be read ({exc.strerror or exc})"
+            return f"{manifest_file.name}: cannot be read ({exc.strerror or exc})"
         except ValidationError:
-            return f"{manifest_file}: no longer a valid manifest"
+            return f"{manifest_file.name}: no longer a valid manifest"
         if on_disk != self.manifest:
-            return (f"{manifest_file} changed since the bundle was loaded (now "
+            return (f"{manifest_file.name} changed since the bundle was loaded (now "
                     f"{on_disk.name} {on_disk.version}, serving {self.manifest.name} "
                     f"{self.manifest.version}); restart to serve the new one")
         try:
             digest = file_sha256(weights)
         except OSError as exc:
-            return f"{weights}: cannot be read ({exc.strerror or exc})"
+            return f"{weights.name}: cannot be read ({exc.strerror or exc})"
         if digest != self.manifest.weights.sha256:
-            return (f"{weights}: sha256 {digest} does not match the served model's "
-                    f"{self.manifest.weights.sha256}; the file is corrupt or was replaced")
+            self._detail = f"; sha256 {digest}, served {self.manifest.weights.sha256}"
+            return (f"{weights.name}: its sha256 does not match the served model's; the "
+                    "file is corrupt or was replaced")
         return None
 
     def check(self) -> str | None:
@@ -82,9 +87,9 @@ class BundleCheck:
             self._signature = signature
             if problem != self.problem:
                 if problem:
-                    log.error("the bundle on disk is no longer the one being served: %s; "
-                              "/readyz answers 503 (predictions still use the model checked "
-                              "at start)", problem)
+                    log.error("the bundle on disk (%s) is no longer the one being served: "
+                              "%s%s; /readyz answers 503 (predictions still use the model "
+                              "checked at start)", self.path, problem, self._detail)
                 else:
                     log.warning("the bundle on disk is the served one again: %s", self.path)
             self.problem = problem

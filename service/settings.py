@@ -91,6 +91,20 @@ class Settings(BaseSettings):
         32_000_000, ge=64, description="decoded pixels of all a request's images together "
                                        "(a large JPEG counts at the reduced scale it is "
                                        "decoded at); beyond it the request gets 413")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024,
+        description="request line and headers together; beyond: 431")
+    max_headers: int = Field(100, ge=8, le=10_000, description="header fields per request; "
+                                                                "beyond: 431")
+    read_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="longest wait for a request's headers to "
+                                             "complete, and for each next part of its body; "
+                                             "beyond: 408 and the connection is closed")
+    max_drain_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="body bytes read and dropped after an early "
+                                            "refusal (401, 413, ...) so that clients that "
+                                            "send the whole body first read the answer; a "
+                                            "larger rest: the connection is closed instead")
     max_batch_images: int = Field(64, ge=1, le=1024, description="images per batch request")
     top_k: int = Field(5, ge=1, description="default number of classes in top_k")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

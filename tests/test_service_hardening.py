@@ -3,9 +3,19 @@ the form, a per-request decode budget with fair sharing of the decode pool, head
 limits, early refusals that every client reads, and no small leaks."""
 
 import asyncio
+import contextlib
+import http.client
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -172,3 +182,154 @@ def test_large_jpegs_are_decoded_reduced_and_small_ones_exactly(tiny_bundle):
     with Image.open(io.BytesIO(small)) as image:
         assert torch.equal(decoder(small, budget), decoder.transform(load_rgb(image)))
     assert budget.used == (side - 8) ** 2
+
+
+# -- the real server: head limits, read timeouts, early answers, response headers -------
+
+KEY = "0123456789abcdef0123"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    """``python -m service`` (one worker) with an API key and a 2 s read timeout."""
+    tmp = tmp_path_factory.mktemp("server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
+    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_WORKERS="1",
+               OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=str(tiny_bundle),
+               OODSERVE_PORT=str(port), OODSERVE_API_KEY=KEY, OODSERVE_READ_TIMEOUT_S="2")
+    log = tmp / "service.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def raw(port: int, data: bytes, timeout: float = 10.0) -> tuple[float, bytes]:
+    """Send ``data`` on a new connection; (seconds until the server closed it, the answer)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(timeout)
+        start, answer = time.perf_counter(), b""
+        with contextlib.suppress(OSError):  # a reset after the answer: the unread rest
+            sock.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return time.perf_counter() - start, answer
+
+
+def json_error(answer: bytes, status: int, code: str) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == code, error
+    return error
+
+
+def test_a_megabyte_of_headers_is_431(server):
+    _, answer = raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                    + b"a" * 1_000_000 + b"\r\n\r\n")
+    assert "OODSERVE_MAX_HEADER_BYTES" in json_error(answer, 431, "headers_too_large")[
+        "message"]
+
+
+def test_too_many_header_fields_is_431(server):
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    _, answer = raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+    json_error(answer, 431, "headers_too_large")
+
+
+def test_a_stalled_body_is_408_within_the_timeout(server):
+    took, answer = raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                       + KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b"
+                       b"\r\nContent-Length: 1000\r\n\r\n--b\r\n")
+    assert "OODSERVE_READ_TIMEOUT_S" in json_error(answer, 408, "request_timeout")["message"]
+    assert 1.5 < took < 5
+
+
+def test_stalled_headers_are_408_within_the_timeout(server):
+    took, answer = raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    json_error(answer, 408, "request_timeout")
+    assert 1.5 < took < 5
+
+
+def test_an_unparsable_request_is_a_json_400(server):
+    _, answer = raw(server, b"NONSENSE\x01 / HTTP/9\r\n\r\n")
+    json_error(answer, 400, "bad_request")
+
+
+def multipart_body(size: int) -> bytes:
+    return (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x"\r\n\r\n'
+            + b"\0" * size + b"\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize("authorized", [True, False])
+def test_early_refusals_reach_http_client_as_a_status(server, authorized):
+    """40 MB to a 10 MiB limit, sent whole before reading, as http.client does: 413 (or
+    401 without the key, before the body is read), never a reset."""
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    if authorized:
+        headers["Authorization"] = f"Bearer {KEY}"
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    connection.request("POST", "/predict", body=multipart_body(40 * 2**20), headers=headers)
+    response = connection.getresponse()
+    assert response.status == (413 if authorized else 401)
+    json.loads(response.read())
+
+
+def test_early_refusals_reach_urllib_with_connection_close(server):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server}/predict", data=multipart_body(12 * 2**20),
+        headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+
+
+def test_early_refusal_to_an_expect_100_client_is_at_once(server):
+    headers = (b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+               b"Content-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: 40000000\r\n\r\n")
+    took, answer = raw(server, headers)
+    json_error(answer, 401, "unauthorized")
+    assert took < 1.5  # neither waiting for the body nor for the read timeout
+
+
+def test_response_headers_say_nosniff_and_not_the_server(server):
+    response = httpx.get(f"http://127.0.0.1:{server}/healthz")
+    assert "server" not in response.headers
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_readyz_shows_no_path_nor_hash(tiny_bundle, tmp_path, caplog):
+    import re
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    async with serve(settings(bundle)) as client:
+        weights = bundle / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+        response = await client.get("/readyz")
+        reason = response.json()["reason"]
+        assert response.status_code == 503 and "sha256" in reason, reason
+        assert str(tmp_path) not in reason and not re.search(r"[0-9a-f]{64}", reason)
+        assert str(bundle) in caplog.text and re.search(r"[0-9a-f]{64}", caplog.text)
+        shutil.rmtree(bundle)
+        reason = (await client.get("/readyz")).json()["reason"]
+        assert reason == "bundle directory not found"

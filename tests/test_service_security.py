@@ -75,9 +75,11 @@ async def test_probes_metrics_and_docs_stay_open(keyed, path):
     assert (await keyed.get(path)).status_code == 200
 
 
-async def test_the_key_is_checked_before_the_body_is_read(keyed):
+async def test_the_key_is_checked_before_the_body_is_read(tiny_bundle):
     """A client without the key costs no parsing: the refusal comes first, even for a
-    body that is far too large and not even multipart."""
+    body that is far too large and not even multipart. The rest of the body is then read
+    and dropped (so that every client reads the answer), but no more than
+    OODSERVE_MAX_DRAIN_BYTES of it."""
     sent = 0
 
     async def body():
@@ -86,10 +88,13 @@ async def test_the_key_is_checked_before_the_body_is_read(keyed):
             sent += 1
             yield b"\0" * 65536
 
-    response = await keyed.post("/predict", content=body(),
-                                headers={"content-type": "application/octet-stream"})
+    app_settings = settings(tiny_bundle, api_key=KEY, max_drain_bytes=1024 * 1024)
+    async with serve(app_settings) as keyed:
+        response = await keyed.post("/predict", content=body(),
+                                    headers={"content-type": "application/octet-stream"})
     assert_unauthorized(response)
-    assert sent <= 2
+    assert "close" in response.headers["connection"]  # not all of it was read
+    assert sent <= 16 + 2
 
 
 async def test_the_key_is_compared_in_constant_time(keyed, monkeypatch):

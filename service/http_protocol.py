@@ -1,0 +1,139 @@
+"""uvicorn's httptools protocol with limits on the request head, and JSON for its own errors.
+
+uvicorn bounds nothing before the app sees a request: with httptools (the parser it runs
+here) a 200 MB header block was read and answered 200, and a client that sends its headers
+a byte at a time holds its connection forever. This subclass (``http=`` of uvicorn's
+config, set by ``python -m service``):
+
+- answers 431 ``headers_too_large`` once the request line and headers pass
+  ``OODSERVE_MAX_HEADER_BYTES`` (counted on the bytes received before the head is complete,
+  so at most one read beyond the limit is ever buffered) or hold more than
+  ``OODSERVE_MAX_HEADERS`` fields;
+- answers 408 ``request_timeout`` when a request's head is not complete
+  ``OODSERVE_READ_TIMEOUT_S`` after its first byte (or after the connection opened);
+- answers a request the parser cannot read with 400 ``bad_request`` in the service's JSON
+  error shape instead of uvicorn's plain text.
+
+Each of these closes the connection. The limits are class attributes, set by
+:func:`configure` from the settings when the app is created (in each worker, before it
+accepts a connection). The body's own timeout is the app's (:mod:`service.middleware`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+log = logging.getLogger("uvicorn.error")
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+def configure(settings) -> None:
+    """Take the limits from the service's settings."""
+    HttpProtocol.max_header_bytes = settings.max_header_bytes
+    HttpProtocol.max_headers = settings.max_headers
+    HttpProtocol.read_timeout_s = settings.read_timeout_s
+
+
+class HttpProtocol(HttpToolsProtocol):
+    max_header_bytes = 64 * 1024
+    max_headers = 100
+    read_timeout_s = 30.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # waiting for (the rest of) a request's head
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._in_head and (self.cycle is None or self.cycle.response_complete):
+            self._refuse(408, "request_timeout", "the request's headers did not arrive "
+                         f"within {self.read_timeout_s:g} s (OODSERVE_READ_TIMEOUT_S)")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the JSON error body, and close the connection."""
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend([b"content-type: application/json\r\n",
+                        b"x-content-type-options: nosniff\r\n",
+                        b"content-length: " + str(len(body)).encode() + b"\r\n",
+                        b"connection: close\r\n\r\n", body])
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+    def _too_large(self) -> None:
+        self._refuse(431, "headers_too_large", f"the request line and headers are over "
+                     f"{self.max_header_bytes} bytes (OODSERVE_MAX_HEADER_BYTES) or "
+                     f"{self.max_headers} fields (OODSERVE_MAX_HEADERS)")
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            self._start_head_timer()
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # as uvicorn does
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadersTooLarge):
+                self._too_large()
+                return
+            log.warning("Invalid HTTP request received.")
+            self._refuse(400, "bad_request", "invalid HTTP request")
+            return
+        if self._in_head and self._head_bytes > self.max_header_bytes:
+            self._too_large()
+
+    def on_message_begin(self) -> None:
+        self._header_count = 0
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.max_headers:
+            raise _HeadersTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0
