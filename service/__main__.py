@@ -1,40 +1,82 @@
 """``python -m service``: check the settings and the bundle, then run uvicorn.
 
+The settings come from the command line, ``OODSERVE_*`` environment variables, a ``.env``
+file and the defaults, in that order of precedence (``python -m service --help`` lists them).
+They are resolved here, once: the worker and engine processes are handed the resolved
+:class:`~service.settings.Settings` instead of reading the environment again.
+
 The bundle is checked here, before uvicorn starts, so that a bad one stops the start with
-one line saying what is wrong instead of a traceback from each worker. With
-``OODSERVE_WORKERS=1`` and ``OODSERVE_LAYOUT=replicated`` the loaded bundle is served as is,
-in this process. Otherwise the check, and whether CUDA is there (which decides ``auto``),
-run in a child process (:mod:`service.preflight`); the workers, and in the engine layout the
-engine process, are run by :mod:`service.workers` (one listening socket per worker, so that
+one line saying what is wrong instead of a traceback from each worker. With one worker
+(``--workers 1``) in the replicated layout the loaded bundle is served as is, in this
+process. Otherwise the check, and whether CUDA is there (which decides ``auto``), run in a
+child process (:mod:`service.preflight`); the workers, and in the engine layout the engine
+process, are run by :mod:`service.workers` (one listening socket per worker, so that
 connections spread evenly), and they share their metrics through
 ``PROMETHEUS_MULTIPROC_DIR`` (wiped first: files left by an earlier run would otherwise be
 counted again).
+
+Ctrl-C, without a traceback from any process: while the settings and the bundle are being
+checked, it stops the start with one line and exit status 130; once the processes are
+started (or uvicorn runs, with one worker), it stops the service as SIGTERM does, answering
+the requests in flight, and the exit status is 0. Child processes are started with SIGINT
+blocked, so that a Ctrl-C, which reaches the whole process group, is handled by this
+process alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging.config
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from service.preflight import preflight_in_child
-from service.settings import Settings
-from service.workers import run_workers
+if TYPE_CHECKING:  # imported in the functions: a Ctrl-C during the imports stays quiet
+    from service.settings import Settings
 
 log = logging.getLogger("oodserve")
 
+PROG = "python -m service"
+DESCRIPTION = """\
+Serve an image classifier with out-of-distribution scores over HTTP (FastAPI on uvicorn).
 
-def _settings() -> Settings:
+Every setting is a flag below and also an environment variable (OODSERVE_<NAME>, shown in
+brackets), which may also sit in a .env file in the working directory. Precedence: flags,
+then environment variables, then .env, then the defaults."""
+EPILOG = """\
+--api-key on the command line is visible to other users of the machine (ps); prefer
+OODSERVE_API_KEY in the environment or in a .env file readable by the service only.
+
+Ctrl-C or SIGTERM stops the service after answering the requests in flight."""
+
+
+def _settings(argv: Sequence[str] = ()) -> Settings:
+    """The settings from ``argv`` (flags), the environment, .env and the defaults. ``--help``
+    prints them and exits 0; an unknown flag or a missing value exits 2 (argparse); a value
+    that does not validate exits 1 with one line per setting, naming flag and variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import CliSettingsSource
+
+    from service.settings import Settings
+
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    cli = CliSettingsSource(Settings, root_parser=parser, cli_kebab_case=True,
+                            cli_implicit_flags=True, cli_show_env_vars=True,
+                            cli_hide_none_type=True, cli_avoid_json=True)
     try:
-        return Settings()
+        return Settings(_cli_settings_source=cli(args=list(argv)))
     except ValidationError as exc:
-        lines = [f"  OODSERVE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                 for e in exc.errors()]
+        problems: dict[str, list[str]] = {}
+        for error in exc.errors():
+            problems.setdefault(str(error["loc"][0]), []).append(error["msg"])
+        lines = [f"  --{name.replace('_', '-')} / OODSERVE_{name.upper()}: "
+                 + "; ".join(dict.fromkeys(messages)) for name, messages in problems.items()]
         sys.exit("oodserve: invalid settings:\n" + "\n".join(lines))
 
 
@@ -62,12 +104,15 @@ def _load(settings: Settings):
     try:
         return load_bundle(settings.bundle)
     except BundleError as exc:
-        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (OODSERVE_BUNDLE): "
-                 f"{exc}")
+        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (--bundle, "
+                 f"OODSERVE_BUNDLE): {exc}")
 
 
-def main() -> None:
-    settings = _settings()
+def _serve(argv: Sequence[str]) -> None:
+    from service.preflight import preflight_in_child
+    from service.workers import run_workers
+
+    settings = _settings(argv)
     bundle = None
     if settings.workers == 1 and settings.layout == "replicated":
         bundle = _load(settings)
@@ -92,14 +137,25 @@ def main() -> None:
 
         from service.app import create_app
 
+        # uvicorn turns SIGINT into a graceful shut-down, raises it again once done, and
+        # takes the KeyboardInterrupt that follows as the end: exit status 0.
         uvicorn.run(create_app(settings, bundle or _load(settings)), **options)
     else:
-        # The workers read their settings from the environment: give them the number.
-        os.environ["OODSERVE_WORKERS"] = str(workers)
+        # The workers are handed the resolved settings, with the number of workers decided.
+        settings = settings.model_copy(update={"workers": workers})
         logging.config.dictConfig(options["log_config"])
         log.info("starting %d worker processes%s", workers,
                  " and the engine process" if engine else "")
-        sys.exit(run_workers(workers, options, engine))
+        sys.exit(run_workers(workers, options, engine, settings))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve with the settings from ``argv`` (default: the command line)."""
+    try:
+        _serve(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # while checking; later on a Ctrl-C is a graceful stop
+        print("oodserve: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -273,11 +273,12 @@ class EngineServer:
                 worker.sock.shutdown(socket.SHUT_RDWR)
 
 
-def engine_main(address: str, control: Connection, log_config: dict) -> None:
+def engine_main(address: str, control: Connection, log_config: dict,
+                settings: Settings) -> None:
     """Entry point of the engine process (spawned by :mod:`service.workers`, which has
-    already set SIGINT and SIGTERM to be ignored, see the module docstring)."""
+    already set SIGINT and SIGTERM to be ignored, see the module docstring), serving with
+    the supervisor's resolved ``settings``."""
     logging.config.dictConfig(log_config)
-    settings = Settings()
     try:
         server = EngineServer(settings, load_bundle(settings.bundle), Path(address))
         server.start()

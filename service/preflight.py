@@ -11,7 +11,7 @@ module imports nothing heavy, so that the supervisor stays small.
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
 from typing import NamedTuple
 
 
@@ -35,7 +35,31 @@ def preflight(path: str, device: str) -> Preflight:
         return Preflight(f"OODSERVE_DEVICE: {exc}", False)
 
 
+def _report(answer: Connection, path: str, device: str) -> None:
+    answer.send(preflight(path, device))
+
+
 def preflight_in_child(path: str, device: str) -> Preflight:
-    """:func:`preflight`, run in a fresh process that takes its memory with it."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(preflight, path, device).result()
+    """:func:`preflight`, run in a fresh process that takes its memory with it. The child
+    does not see a Ctrl-C (:func:`~service.workers.sigint_blocked`); this process does, and
+    then stops the child at once instead of waiting for its check."""
+    from service.workers import sigint_blocked
+
+    context = multiprocessing.get_context("spawn")
+    receive, answer = context.Pipe(duplex=False)
+    child = context.Process(target=_report, args=(answer, path, device),
+                            name="oodserve-preflight")
+    try:
+        with sigint_blocked():  # a SIGINT that came meanwhile is raised on leaving
+            child.start()
+        answer.close()
+        return receive.recv()
+    except EOFError:
+        child.join()
+        return Preflight(f"the start-up check exited with {child.exitcode}", False)
+    finally:
+        if child.is_alive():  # interrupted
+            child.kill()
+        if child.pid is not None:
+            child.join()
+        receive.close()

@@ -59,8 +59,9 @@ class Settings(BaseSettings):
                             "images through shared memory to one process that owns the "
                             "model and batches across them (service/engine_server.py); "
                             "auto: engine on a GPU, replicated on the CPU")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0: every "
+                                               "IPv4 interface (in a container, say)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         "auto", description="HTTP worker processes; auto: one per core (replicated layout), "
                             "one per core but one (engine layout: that one runs the model)")
@@ -107,7 +108,8 @@ class Settings(BaseSettings):
                                             "larger rest: the connection is closed instead")
     max_batch_images: int = Field(64, ge=1, le=1024, description="images per batch request")
     top_k: int = Field(5, ge=1, description="default number of classes in top_k")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="level of the service's and uvicorn's log lines")
     access_log: bool = Field(
         False, description="uvicorn's per-request log lines (they show paths and query "
                            "strings, so they are off by default)")

@@ -11,7 +11,11 @@ the sockets by a hash of their addresses.
 The supervisor (this process) starts the workers, starts a new one in place of any that
 dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or
 SIGINT sends the workers SIGTERM and waits for them to finish the requests in flight
-(uvicorn's graceful shut-down). In the engine layout it also runs the engine process
+(uvicorn's graceful shut-down). Every child process is started with SIGINT blocked
+(:func:`sigint_blocked`): a Ctrl-C reaches the whole process group, and a child that took
+it for itself would print a ``KeyboardInterrupt`` traceback if it came while the child was
+still starting, or stop before the supervisor told it to. The workers and the engine are
+handed the supervisor's resolved settings. In the engine layout it also runs the engine process
 (:mod:`service.engine_server`): first, before any worker, and last. It imports neither
 torch nor the app.
 """
@@ -31,10 +35,15 @@ import socket
 import tempfile
 import threading
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import multiprocess
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("oodserve")
 
@@ -55,6 +64,21 @@ def die_with_parent(signum: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: a process started here inherits the block
+    (across exec too) and never sees SIGINT; one sent to this process meanwhile arrives
+    when the block ends."""
+    # multiprocessing's resource tracker, started along with the first child process,
+    # unblocks SIGINT once it has started: start it first.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -93,8 +117,13 @@ def stop_with(supervisor: int) -> None:
     threading.Thread(target=watch, daemon=True, name="oodserve-lifeline").start()
 
 
-def _worker(options: dict[str, Any], engine_address: str | None, supervisor: int) -> None:
+def _worker(options: dict[str, Any], settings: Settings, engine_address: str | None,
+            supervisor: int) -> None:
+    import functools
+
     import uvicorn
+
+    from service.app import create_app
 
     stop_with(supervisor)
 
@@ -103,7 +132,7 @@ def _worker(options: dict[str, Any], engine_address: str | None, supervisor: int
 
         os.environ[ENGINE_ADDRESS_ENV] = engine_address
 
-    config = uvicorn.Config("service.app:create_app", factory=True, **options)
+    config = uvicorn.Config(functools.partial(create_app, settings), factory=True, **options)
     try:
         sock = reuse_port_socket(config.host, config.port)
     except OSError as exc:
@@ -112,25 +141,27 @@ def _worker(options: dict[str, Any], engine_address: str | None, supervisor: int
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _engine(address: str, control: Connection, log_config: dict) -> None:
+def _engine(address: str, control: Connection, log_config: dict, settings: Settings) -> None:
     # Ignored from the start (importing torch takes seconds): see engine_server.engine_main.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)
     from service.engine_server import engine_main  # here, in the child: torch stays out
 
-    engine_main(address, control, log_config)
+    engine_main(address, control, log_config, settings)
 
 
 class _EngineProcess:
     """The engine process of the engine layout (:mod:`service.engine_server`). Spawned, not
     forked from the preloaded server: it alone initialises CUDA."""
 
-    def __init__(self, address: str, log_config: dict):
+    def __init__(self, address: str, log_config: dict, settings: Settings):
         self.control, child_end = multiprocessing.Pipe()
         self.process = multiprocessing.get_context("spawn").Process(
-            target=_engine, name="oodserve-engine", args=(address, child_end, log_config))
-        self.process.start()
+            target=_engine, name="oodserve-engine",
+            args=(address, child_end, log_config, settings))
+        with sigint_blocked():
+            self.process.start()
         child_end.close()
         log.info("started the engine process %d", self.process.pid)
 
@@ -161,8 +192,9 @@ class _EngineProcess:
             self.process.join()
 
 
-def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> int:
-    """Run ``count`` workers until a signal stops them; the exit status for the supervisor.
+def run_workers(count: int, options: dict[str, Any], engine: bool, settings: Settings) -> int:
+    """Run ``count`` workers serving with ``settings`` until a signal stops them; the exit
+    status for the supervisor.
 
     With ``engine``, an engine process is started first and the workers once it is ready;
     it is stopped last, when the workers have answered what they had in flight. An engine
@@ -181,15 +213,19 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
 
     def start_engine() -> str | None:
         nonlocal engine_process
-        engine_process = _EngineProcess(address, options["log_config"])
+        engine_process = _EngineProcess(address, options["log_config"], settings)
         return engine_process.wait_ready(lambda: stopping)
 
-    def start() -> multiprocessing.Process:
-        process = context.Process(target=_worker, args=(options, address, os.getpid()),
+    def start() -> None:
+        process = context.Process(target=_worker,
+                                  args=(options, settings, address, os.getpid()),
                                   name="oodserve-worker")
-        process.start()
+        with sigint_blocked():  # the first start also starts the fork server
+            process.start()
+        workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
         log.info("started worker process %d", process.pid)
-        return process
+        if stopping:  # the signal came while it was starting: stop() did not know it yet
+            os.kill(process.pid, signal.SIGTERM)
 
     def engine_died(lived: float) -> str | None:
         """Replace a dead engine; why the service must stop instead, or None."""
@@ -204,9 +240,8 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
         return start_engine()
 
     def stop(_signum: int, _frame: object) -> None:
-        # SIGTERM whatever arrived: a Ctrl-C has already sent the workers SIGINT (it reaches
-        # the whole process group), and uvicorn takes a second SIGINT as "exit at once,
-        # drop the requests in flight".
+        # SIGTERM whatever arrived (uvicorn's graceful shut-down); the workers never see a
+        # Ctrl-C's SIGINT themselves (sigint_blocked).
         nonlocal stopping
         stopping = True
         for process in workers.values():
@@ -221,14 +256,16 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
         if engine:
             problem = start_engine()
             if problem is not None:
+                if stopping:  # a signal, not a failure
+                    log.info("%s", problem)
+                    return 0
                 log.error("%s", problem)
                 return 1
             engine_started = time.monotonic()
         for _ in range(count):
             if stopping:
                 break
-            process = start()
-            workers[process.sentinel], started[process.sentinel] = process, time.monotonic()
+            start()
         status = 0
         engine_watched = engine
         while workers:
@@ -258,9 +295,7 @@ def run_workers(count: int, options: dict[str, Any], engine: bool = False) -> in
                     status = 1
                     stop(signal.SIGTERM, None)
                     continue
-                process = start()
-                workers[process.sentinel], started[process.sentinel] = (process,
-                                                                       time.monotonic())
+                start()
         return status
     finally:
         if engine_process is not None and engine_process.process.is_alive():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +16,43 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(**overrides) -> dict[str, str]:
+    """The environment for a `python -m service` subprocess: no OODSERVE_* or metrics
+    directory from this one, one thread and one worker unless ``overrides`` say otherwise."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OODSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_DECODE_WORKERS="1",
+               OODSERVE_WORKERS="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of supervisor ``pid`` (forked by its fork server) and its engine
+    process (spawned), not the fork server itself or multiprocessing's resource tracker."""
+    def kids(p: int) -> list[int]:
+        try:
+            return [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    found = []
+    for child in kids(pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline:
+            found.append(child)
+        elif b"forkserver" in cmdline:
+            found += kids(child)
+    return found
 
 
 def settings(bundle: Path, **overrides) -> Settings:

@@ -8,7 +8,6 @@ import io
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from deploy_helpers import (
     tool,
 )
 from PIL import Image
+from service_helpers import free_port
 
 from service.settings import DEFAULT_BUNDLE
 from training.data.archives import extract_archive
@@ -39,12 +39,6 @@ REPLICAS = 2
 # half minute of samples is many intervals long (see the tolerance below).
 INTERVAL = "250ms"
 DETECTORS = ("energy", "featurenorm", "combined")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what: str, timeout: float, logs: list[Path] = ()):

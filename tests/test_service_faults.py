@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from service_helpers import noise_image, png, predict, predict_ok, serve, settings
+from service_helpers import free_port, noise_image, png, predict, predict_ok, serve, settings
 
 import service.inference
 from service.app import create_app
@@ -209,12 +209,6 @@ Predictor.__call__ = slow
 from service.__main__ import main
 main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw_request(port: int, image: bytes) -> bytes:

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
-from service_helpers import metric, noise_image, png
+from service_helpers import children, free_port, metric, noise_image, png, service_env
 from test_service_faults import requests_then_sigterm
-from test_service_start import children, free_port, service_env, wait_for
+from test_service_start import wait_for
 
 import service.workers
 

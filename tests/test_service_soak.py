@@ -3,18 +3,13 @@ figures are in the README), with the same pass conditions."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from service_helpers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_short_soak(tiny_bundle, tmp_path):

@@ -13,19 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_helpers import metric, noise_image, png
+from service_helpers import children, free_port, metric, noise_image, png, service_env
 
 from service import settings as settings_module
 from service.settings import DEFAULT_BUNDLE, REPO_ROOT, Settings
-
-
-def service_env(**overrides) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OODSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_DECODE_WORKERS="1",
-               OODSERVE_WORKERS="1")
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
 
 
 def start_fails(tmp_path: Path, **env) -> str:
@@ -122,12 +113,6 @@ def test_invalid_setting_stops_the_start(tmp_path):
     assert "OODSERVE_DEVICE" in err and "OODSERVE_MAX_BATCH_SIZE" in err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("setting", ["1", "2", "auto"])
 def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path, setting):
     if setting == "auto" and torch.cuda.is_available():
@@ -170,25 +155,6 @@ def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path
         # uvicorn shuts down gracefully, then may re-raise the SIGTERM it caught.
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
     assert log.read_text().count("Application shutdown complete") == workers
-
-
-def children(pid: int) -> list[int]:
-    """The worker processes of supervisor ``pid`` (forked by its fork server) and its engine
-    process (spawned), not the fork server itself or multiprocessing's resource tracker."""
-    def kids(p: int) -> list[int]:
-        try:
-            return [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except FileNotFoundError:
-            return []
-
-    found = []
-    for child in kids(pid):
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline:
-            found.append(child)
-        elif b"forkserver" in cmdline:
-            found += kids(child)
-    return found
 
 
 def established_connections(pid: int, port: int) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from training.config import ConfigError
 from training.trainer import Trainer, prepare
 
 from conftest import RESNET20, digest, tiny_config
+from service_helpers import free_port
 
 def test_a_few_greg_plus_steps_lower_the_loss(tiny_data, tmp_path):
     torch.manual_seed(0)
@@ -80,12 +80,6 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_data, tmp_path):
         other.try_resume()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -106,7 +100,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> No
 def test_two_gloo_processes_keep_identical_replicas(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "ddp", "train.epochs=1", "train.max_steps_per_epoch=3",
                       "optim.lr=0.05")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2)
     digest0, batch0 = (tmp_path / "0.txt").read_text().split("\n")
     digest1, batch1 = (tmp_path / "1.txt").read_text().split("\n")
     assert digest0 == digest1  # gradients were averaged: replicas identical

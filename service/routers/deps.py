@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from service.engine import Engine
 from service.errors import ServiceError
@@ -16,3 +18,7 @@ async def get_engine(request: Request) -> Engine:
     if engine is None:  # the bundle is still loading, or shut-down has begun
         raise ServiceError(503, "not_ready", "the model is not loaded yet")
     return engine
+
+
+# A route parameter ``engine: EngineDep`` gets the loaded engine (or the request gets 503).
+EngineDep = Annotated[Engine, Depends(get_engine)]

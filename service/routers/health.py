@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.engine import Engine
-from service.routers.deps import get_engine
+from service.routers.deps import EngineDep
 from service.schemas import CalibrationSummary, Health, ModelSummary, Readiness
 
 router = APIRouter(tags=["health"])
@@ -32,7 +30,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/model", response_model=ModelSummary, summary="What is being served")
-async def model(engine: Annotated[Engine, Depends(get_engine)]) -> ModelSummary:
+async def model(engine: EngineDep) -> ModelSummary:
     m = engine.manifest
     return ModelSummary(
         name=m.name, version=m.version, created=m.created, architecture=m.architecture.name,

@@ -30,7 +30,7 @@ from service.decoding import RequestTooLarge
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ServiceError
 from service.middleware import START_KEY
-from service.routers.deps import get_engine
+from service.routers.deps import EngineDep
 from service.schemas import (
     BatchItem,
     BatchResponse,
@@ -146,7 +146,7 @@ async def predict(
     request: Request,
     image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF")],
     params: Annotated[PredictParams, Depends(params_dependency("image", single=True))],
-    engine: Annotated[Engine, Depends(get_engine)],
+    engine: EngineDep,
 ) -> Response:
     prediction = await engine.predict(await image.read(), _policy(engine, params),
                                       _top_k(engine, params))
@@ -161,7 +161,7 @@ async def predict_batch(
     request: Request,
     images: Annotated[list[UploadFile], File(description="one part per image, in order")],
     params: Annotated[PredictParams, Depends(params_dependency("images", single=False))],
-    engine: Annotated[Engine, Depends(get_engine)],
+    engine: EngineDep,
 ) -> Response:
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
