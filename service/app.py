@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Security
 
+from service.docs_ui import install_docs
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service import http_protocol
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
             await engine.stop()
 
     app = FastAPI(title="oodserve", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  form_limits={"max_files": settings.max_batch_images, "max_fields": 16})
+                  form_limits={"max_files": settings.max_batch_images, "max_fields": 16},
+                  docs_url=None, redoc_url=None)  # /docs from local files: install_docs
     app.state.settings = settings
     app.state.engine = None
     http_protocol.configure(settings)  # the server's head limits, in this process
@@ -99,4 +101,5 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                        dependencies=[Security(BEARER)] if settings.api_key else None)
     for router in (health.router, metrics.router):
         app.include_router(router)
+    install_docs(app)
     return app
