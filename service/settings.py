@@ -15,10 +15,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Resolved from the package, not the working directory, so `python -m service` serves the
-# repository's default model wherever it is started from.
+# The default model: a directory of models/ (the one place that names it).
+DEFAULT_BUNDLE_NAME = "cifar10-resnet56-gregplus"
+# Resolved from the package, not the working directory, so that `python -m service` serves
+# the default model wherever it is started from: from models/ of the source checkout (an
+# editable install included), or from the copy of models/ that an installed wheel carries
+# inside this package (service/_models, put there by setup.py).
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO_ROOT / "models" / "cifar10-resnet56-gregplus"
+INSTALLED_MODELS = Path(__file__).resolve().parent / "_models"
+MODELS_DIR = INSTALLED_MODELS if INSTALLED_MODELS.is_dir() else REPO_ROOT / "models"
+DEFAULT_BUNDLE = MODELS_DIR / DEFAULT_BUNDLE_NAME
 
 
 def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -226,8 +226,11 @@ def test_dockerfile_builds_a_small_non_root_image_with_a_healthcheck():
     assert ("CMD", '["python", "-m", "service"]') in final
     env = " ".join(args for kw, args in final if kw == "ENV")
     assert "OODSERVE_HOST=0.0.0.0" in env and "OODSERVE_PORT=8000" in env
-    # The image's bundle is the service's default one, at the same place under /app.
-    assert f"OODSERVE_BUNDLE=/app/{DEFAULT_BUNDLE.relative_to(REPO_ROOT).as_posix()}" in env
+    # The image's bundle is the service's default one: /app is laid out as the checkout is
+    # (service/ beside models/), so settings.DEFAULT_BUNDLE finds it; no second name for it.
+    assert "OODSERVE_BUNDLE" not in env and "PYTHONPATH=/app" in env
+    assert {("COPY", "service/ /app/service/"), ("COPY", "models/ /app/models/")} <= set(final)
+    assert DEFAULT_BUNDLE.relative_to(REPO_ROOT).parts[0] == "models"
     # Only the virtual environment comes from the build stages: no compilers, no caches.
     copies_from = [args for kw, args in final if kw == "COPY" and args.startswith("--from")]
     assert copies_from == ["--from=venv /opt/venv /opt/venv"]
@@ -240,6 +243,7 @@ def test_image_installs_the_tested_torch_and_the_project_dependencies():
     assert f"ARG TORCH_VERSION={torch}\n" in text
     assert f"ARG TORCHVISION_VERSION={torchvision}\n" in text
     assert "https://download.pytorch.org/whl/cpu" in text
+    assert "pypi.org" not in text  # the CUDA build comes from pip's default index, unnamed
     # The RUN line that turns pyproject.toml into requirements.txt, run here for real.
     line = next(args for kw, args in instructions(text)
                 if kw == "RUN" and "requirements.txt" in args and "tomllib" in args)

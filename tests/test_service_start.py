@@ -16,7 +16,7 @@ import torch
 from service_helpers import children, free_port, metric, noise_image, png, service_env
 
 from service import settings as settings_module
-from service.settings import DEFAULT_BUNDLE, REPO_ROOT, Settings
+from service.settings import DEFAULT_BUNDLE, DEFAULT_BUNDLE_NAME, REPO_ROOT, Settings
 
 
 def start_fails(tmp_path: Path, **env) -> str:
@@ -35,7 +35,7 @@ def test_settings_from_env_and_dotenv(tmp_path, monkeypatch):
     s = Settings(_env_file=dotenv)
     assert (s.max_batch_size, s.device, s.port) == (7, "cpu", 9100)
     assert Settings(_env_file=None).bundle == DEFAULT_BUNDLE
-    assert DEFAULT_BUNDLE == REPO_ROOT / "models" / "cifar10-resnet56-gregplus"
+    assert DEFAULT_BUNDLE == REPO_ROOT / "models" / DEFAULT_BUNDLE_NAME  # the checkout's
 
 
 def test_workers_share_out_the_cores(monkeypatch):
