@@ -8,17 +8,11 @@ larger blocks freed, but only to the size of one block (trim: twice that), well 
 memory a batched pass churns through. Either way the pages go back to the kernel and the
 next pass faults them in again, zeroed. A batch of 8 CIFAR images makes 512 KiB tensors in
 the first stage of ResNet-56; a single image's tensors (64 KiB) stay under the default
-threshold, so only batches pay.
+threshold, so only batches pay, and the larger the batch the more.
 
-Measured on the Intel Xeon of 2026-12-03 (docs/benchmarks.md), the default
-ResNet-56 bundle through :class:`service.inference.Predictor`, one torch thread, two runs
-each: a batch of 8 cost 2.45-2.59 ms per image with the thresholds below against
-2.66-2.82 ms without; a single image 4.43-4.61 ms against 4.52-4.94 ms. Setting only one of
-the two made things worse (batch of 8: 3.00-3.40 ms, or 3.78-5.34 ms), because setting
-either turns glibc's adjustment of both off; so both are set, or neither. In the service,
-whose warm-up already runs a full batch, batches of 8 gained nothing measurable, larger ones
-did: at concurrency 64 (batches of about 16) 8-22% more requests per second, and the model
-alone at batch 32 38-50% more images (README, A/B runs of ``bench/serve.py``).
+Both thresholds are set, or neither: setting either one turns glibc's adjustment of both
+off, and setting only one made batched passes slower than the defaults. The measurements
+are in docs/benchmarks.md.
 
 The thresholds are process-wide, so :func:`tune_malloc` is called once per worker before
 the model is warmed up. It changes nothing when ``MALLOC_MMAP_THRESHOLD_`` or

@@ -7,9 +7,9 @@ response needs (probabilities, class ranking, energy, FeatureNorm, prediction) i
 two rows per image on the device, so that a batch comes back to the host in two copies.
 
 On CUDA the forward pass and the scores are captured as CUDA graphs during warm-up, one per
-batch size the batcher pads to (powers of two up to the largest batch): a ResNet-56 pass is
-about 170 small kernels, and launching them one by one from Python, not the arithmetic, set
-the pace (the model alone ran no faster in float16 than in float32). A batch of n images is
+batch size the batcher pads to (powers of two up to the largest batch): a pass of these
+small CIFAR models is many small kernels, and launching them one by one from Python, not
+the arithmetic, sets the pace (docs/benchmarks.md). A batch of n images is
 run by the graph of the smallest captured size >= n; the rows past n hold whatever the last
 batch left there, and each image's scores depend on that image alone (BatchNorm in eval
 mode), so the padding is never read.
@@ -71,8 +71,8 @@ def memory_format_for(device: torch.device, precision: str) -> torch.memory_form
     oneDNN's convolutions then read and write the activations as they are, instead of
     reordering each one's input to their blocked layout and its output back. On CUDA, NHWC
     for the tensor-core precisions (tf32, float16, bfloat16), the layout of cuDNN's
-    tensor-core kernels; float32 stays NCHW, where cuDNN's NHWC kernels measured about half
-    as fast (docs/benchmarks.md). The sums run in another order than training's evaluation
+    tensor-core kernels; float32 stays NCHW, where cuDNN's NHWC kernels are the slower ones
+    (docs/benchmarks.md). The sums run in another order than training's evaluation
     (NCHW), so scores may differ from it in the last float32 digits, as batches of other
     sizes already do."""
     if device.type == "cpu" or precision != "float32":
@@ -107,8 +107,8 @@ class Predictor:
                 precision = "float32"
         else:
             # float32 means float32: cuDNN's default TF32 convolutions keep 10 mantissa bits,
-            # which would move scores by about 1e-3 from training's evaluation; reduced
-            # precision is asked for by name (OODSERVE_PRECISION) and checked on its own.
+            # which would move scores away from training's evaluation; reduced precision is
+            # asked for by name (OODSERVE_PRECISION) and checked on its own.
             torch.backends.cudnn.allow_tf32 = precision != "float32"
             torch.backends.cuda.matmul.allow_tf32 = precision != "float32"
         self.precision, self.dtype = precision, PRECISIONS[precision]

@@ -3,7 +3,7 @@
 With several workers, each worker process loads its own copy of the bundle, and the
 supervisor that starts them serves nothing. Checking the bundle there first still stops a
 bad start with one clear line, and ``OODSERVE_WORKERS=auto`` needs to know whether CUDA is
-there; but torch alone makes up about 0.5 GB of a process's resident memory, which the
+there; but torch alone makes up a large part of a process's resident memory, which the
 supervisor would keep for good. A child process finds both out and exits instead. This
 module imports nothing heavy, so that the supervisor stays small.
 """

@@ -3,8 +3,8 @@
 Why not uvicorn's own ``workers``: its workers share one listening socket, and a worker that
 wakes up accepts every connection waiting on it. Clients that keep their connections alive
 and open them together (a load generator, a pool in a client library, a proxy) therefore
-often end up on one worker while the others idle: measured with ``bench/serve.py``, 32
-connections at once ran half as fast as with the connections spread out. Here every worker
+often end up on one worker while the others idle, and throughput drops accordingly
+(``bench/serve.py``, docs/benchmarks.md). Here every worker
 binds its own socket with ``SO_REUSEPORT`` and the kernel spreads new connections across
 the sockets by a hash of their addresses.
 
