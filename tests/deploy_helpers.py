@@ -24,6 +24,8 @@ DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
+# Where `make deploy-tools` unpacks promtool and prometheus.
+DEPLOY_TOOLS = ROOT / ".deploy-tools" / "usr" / "bin"
 
 # The panel whose query is "the OOD rate per detector" (the integration test asks Prometheus
 # for exactly this query).
@@ -35,13 +37,14 @@ GRAFANA_RANGES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1
 
 
 def tool(name: str) -> str:
-    """Path of a Prometheus binary; fails (not skips) when it is missing, as CI installs it."""
-    path = shutil.which(name) or next((str(p) for p in [Path("/usr/bin") / name]
-                                       if p.exists()), None)
+    """Path of a Prometheus binary: the one `make deploy-tools` unpacked into
+    :data:`DEPLOY_TOOLS`, else one on PATH. Fails (not skips) when there is none, as CI has
+    them (`make test`)."""
+    unpacked = DEPLOY_TOOLS / name
+    path = str(unpacked) if unpacked.exists() else shutil.which(name)
     if path is None:
-        pytest.fail(f"`{name}` not found: the deployment tests need Debian's prometheus "
-                    "package (`make test` installs it as root with apt-get; otherwise "
-                    "`apt-get install prometheus`)")
+        pytest.fail(f"`{name}` not found in {DEPLOY_TOOLS} or on PATH: `make deploy-tools` "
+                    "unpacks Debian's prometheus package there (without installing it)")
     return path
 
 

@@ -16,6 +16,7 @@ from deploy_helpers import (
     COMPOSE_GPU,
     DASHBOARD,
     DATASOURCES,
+    DEPLOY_TOOLS,
     DOCKERFILE,
     GRAFANA_DIR,
     OOD_RATE_PANEL,
@@ -35,6 +36,7 @@ from deploy_helpers import (
     promtool,
     recorded,
     rules,
+    tool,
     without_grafana_macros,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -257,6 +259,18 @@ def test_image_installs_the_tested_torch_and_the_project_dependencies():
     names = {re.split(r"[<>=!~\[; ]", r)[0] for r in requirements}
     assert {"fastapi", "uvicorn", "prometheus-client", "safetensors", "pillow"} <= names
     assert not names & {"torch", "torchvision"}
+
+
+def test_make_test_installs_no_system_package():
+    """`make test` unpacks Debian's prometheus package into a folder instead of installing it
+    (installing it enables and starts a Prometheus server on the machine), and the tests
+    use what it unpacked."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "apt-get install" not in makefile and "dpkg -i" not in makefile
+    assert "apt-get download" in makefile and "dpkg-deb -x" in makefile
+    assert re.search(r"^test: .*deploy-tools", makefile, re.MULTILINE)
+    if (DEPLOY_TOOLS / "promtool").exists():
+        assert tool("promtool") == str(DEPLOY_TOOLS / "promtool")
 
 
 def test_build_context_holds_what_the_image_copies():
