@@ -22,7 +22,7 @@ import time
 
 import torch
 
-import service.inference as inference
+from service import inference
 from service.settings import DEFAULT_BUNDLE, available_cores
 from training.bundle import load_bundle
 from training.runtime import select_device
@@ -61,7 +61,7 @@ def measure(bundle_dir, device: str, precision: str, layout, batches: list[int],
     predictor.staging.normal_(generator=torch.Generator().manual_seed(0))
     parts = []
     for n in batches:
-        part = f"b{n} {fmt(n, rate(lambda: predictor.run(n), n, seconds))}"
+        part = f"b{n} {fmt(n, rate(lambda n=n: predictor.run(n), n, seconds))}"
         if n in predictor._graphs:  # the captured graph alone, its batch on the device
             graph = predictor._graphs[n][0]
             part += f" (replay {fmt(n, rate(graph.replay, n, seconds))})"

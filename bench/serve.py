@@ -261,8 +261,8 @@ def gpu_memory_mib(pids: list[int]) -> float | None:
     """GPU memory that ``nvidia-smi`` reports for ``pids``; None without nvidia-smi."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
-                              "--format=csv,noheader,nounits"], capture_output=True,
-                             text=True, timeout=10).stdout
+                              "--format=csv,noheader,nounits"], check=False,
+                             capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     used = {int(p): float(m) for p, m in

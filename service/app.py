@@ -20,10 +20,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, Security
 
+from service import http_protocol
 from service.docs_ui import install_docs
 from service.engine import Engine
 from service.errors import install_error_handlers
-from service import http_protocol
 from service.middleware import (
     BodyLimitMiddleware,
     EarlyAnswerMiddleware,

@@ -128,7 +128,7 @@ class Batcher(Generic[R]):
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [job.image for job in batch])
-            except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+            except Exception as exc:
                 # Logged once, with its traceback, under the id that each of the batch's
                 # requests gets in its 500; the next batch runs as usual.
                 error_id = new_error_id()

@@ -240,7 +240,7 @@ class EngineServer:
                 torch.index_select(worker.arrays.inputs, 0, index,
                                    out=self.predictor.staging[rows])
             floats, ints = self.predictor.run(len(batch))
-        except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+        except Exception as exc:
             error_id = new_error_id()
             log.error("forward pass of %d images failed (error id %s)", len(batch), error_id,
                       exc_info=exc)
@@ -282,7 +282,7 @@ def engine_main(address: str, control: Connection, log_config: dict,
     try:
         server = EngineServer(settings, load_bundle(settings.bundle), Path(address))
         server.start()
-    except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which stops
+    except Exception as exc:
         log.exception("the engine cannot start")
         control.send(f"failed: {type(exc).__name__}: {exc}")
         return

@@ -4,10 +4,11 @@ Label values never come from a request: ``endpoint`` is the route template, ``st
 response code, ``detector`` and ``reason`` fixed sets. Each detector's scores get their own
 histogram (summing energies and norms across a label would be meaningless, and each needs
 its own buckets); the energy histogram has no ``_sum`` because prometheus_client leaves it
-out when bucket bounds are negative, so read it with ``histogram_quantile``. OOD decisions are counted at the
-bundle's default thresholds (and its default rule for ``combined``) whatever a client asked
-for, so that ``rate(oodserve_ood_decisions_total[5m]) / rate(oodserve_predictions_total[5m])``
-follows the inputs rather than the clients' threshold choices.
+out when bucket bounds are negative, so read it with ``histogram_quantile``. OOD decisions
+are counted at the bundle's default thresholds (and its default rule for ``combined``)
+whatever a client asked for, so that
+``rate(oodserve_ood_decisions_total[5m]) / rate(oodserve_predictions_total[5m])`` follows
+the inputs rather than the clients' threshold choices.
 
 With several worker processes, prometheus_client's multiprocess mode is used when
 ``PROMETHEUS_MULTIPROC_DIR`` is set (``python -m service`` sets and wipes it): each worker

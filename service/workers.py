@@ -35,10 +35,10 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import multiprocess
 

@@ -69,11 +69,13 @@ def test_jigsaw_permutes_tiles_of_the_centred_region_and_keeps_the_border():
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     out = jigsaw(images, torch.Generator().manual_seed(0))
     # 32 = 3 x 10 + 2: one untouched row/column on each side.
-    assert torch.equal(out[:, :, 0], images[:, :, 0]) and torch.equal(out[:, :, 31], images[:, :, 31])
+    assert torch.equal(out[:, :, 0], images[:, :, 0])
+    assert torch.equal(out[:, :, 31], images[:, :, 31])
     assert torch.equal(out[..., 0], images[..., 0]) and torch.equal(out[..., 31], images[..., 31])
 
     def tiles(x, i):
-        return [x[i, :, 1 + 10 * r:11 + 10 * r, 1 + 10 * c:11 + 10 * c] for r in range(3) for c in range(3)]
+        return [x[i, :, 1 + 10 * r:11 + 10 * r, 1 + 10 * c:11 + 10 * c]
+                for r in range(3) for c in range(3)]
 
     for i in range(2):
         before, after = tiles(images, i), tiles(out, i)

@@ -9,11 +9,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import RESNET20, SHARED, make_bundle, tiny_config
 from safetensors.torch import save_file
 
 from training.bundle import BundleError, export_bundle, load_bundle
-from training.calibration import (calibrate, calibrate_score, is_ood, quantile_table,
-                                  threshold_for_tpr)
+from training.calibration import (
+    calibrate,
+    calibrate_score,
+    is_ood,
+    quantile_table,
+    threshold_for_tpr,
+)
 from training.cli import main as cli_main
 from training.config import ConfigError
 from training.data.archives import file_sha256
@@ -23,8 +29,6 @@ from training.models import build_model, load_weights
 from training.pipeline import export_run
 from training.trainer import train
 from training.weight_interpolation import interpolate_states
-
-from conftest import RESNET20, SHARED, make_bundle, tiny_config
 
 NOTICE = SHARED / "checkpoints" / "LICENSE-akamaster-pytorch_resnet_cifar10"
 
@@ -38,7 +42,7 @@ def test_threshold_keeps_the_requested_share_of_id_scores(higher_is_id, tpr):
     thr = calibrate(scores, higher_is_id, tpr)
     kept = 1 - is_ood(scores, thr, higher_is_id).mean()
     assert kept == pytest.approx(tpr, abs=1e-3)
-    assert is_ood(np.array([thr]), thr, higher_is_id)[0] == False  # noqa: E712 - tie is ID
+    assert is_ood(np.array([thr]), thr, higher_is_id)[0] == False
 
 
 def test_quantile_table_gives_the_same_thresholds_at_grid_points_and_close_between():
@@ -89,7 +93,8 @@ def _edit_manifest(path, edit):
 
 def _reweigh(path, state):
     save_file(state, str(path / "model.safetensors"))
-    _edit_manifest(path, lambda m: m["weights"].update(sha256=file_sha256(path / "model.safetensors")))
+    sha256 = file_sha256(path / "model.safetensors")
+    _edit_manifest(path, lambda m: m["weights"].update(sha256=sha256))
 
 
 def _resnet56_state():
@@ -112,7 +117,8 @@ BAD_BUNDLES = [
      "unknown block(s) ['layer9']"),
     ("corrupt weights", lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:-1] + b"\0"), "does not match the manifest"),
-    ("missing weights", lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
+    ("missing weights", lambda p: (p / "model.safetensors").unlink(),
+     "model.safetensors is missing"),
     ("weights outside", lambda p: _edit_manifest(
         p, lambda m: m["weights"].update(file="../x.safetensors")), "inside the bundle directory"),
     ("other architecture", lambda p: _reweigh(p, _resnet56_state()),
@@ -184,7 +190,7 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
     cfg = tiny_config(
         tiny_data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2",
         f"evaluation.id_test={tiny_data['id']}",
-        "evaluation.ood={noise: 'synthetic:uniform:48', tin: '%s'}" % tiny_data["aux"],
+        "evaluation.ood={{noise: 'synthetic:uniform:48', tin: '{}'}}".format(tiny_data["aux"]),
         "evaluation.profile_ood=tin",
         f"evaluation.baselines={{before: '{RESNET20}'}}", "evaluation.selection_images=40",
         f"export.dir={tmp_path / 'bundle'}", "export.name=tiny", f"export.notice={NOTICE}")

@@ -4,14 +4,13 @@ import io
 
 import numpy as np
 import pytest
+from conftest import ISUN
 from PIL import Image
 
 from training.data.archives import extract_archive
 from training.data.folders import load_rgb
 from training.data.sampling import StepBatches, stratified_split
 from training.data.sources import open_dataset
-
-from conftest import ISUN
 
 
 def test_archive_is_extracted_once(tmp_path):
@@ -64,7 +63,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_step_batches_are_a_function_of_the_step():
-    kw = dict(seed=5, stream=1, epoch=2)
+    kw = {"seed": 5, "stream": 1, "epoch": 2}
     whole = list(StepBatches(100, 8, start=0, end=10, **kw))
     tail = list(StepBatches(100, 8, start=4, end=10, **kw))
     assert tail == whole[4:]  # resuming at step 4 sees the same batches

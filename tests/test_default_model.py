@@ -5,10 +5,10 @@ import io
 
 import numpy as np
 import pytest
+from conftest import CIFAR10
 from PIL import Image
 from service_helpers import predict_ok, serve
 
-from conftest import CIFAR10
 from service.settings import DEFAULT_BUNDLE, Settings
 from training.bundle import load_bundle
 from training.data.archives import extract_archive

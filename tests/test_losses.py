@@ -74,7 +74,7 @@ def test_greg_loss_uses_only_correctly_detected_samples():
     m_in = float(e[:4].median())
     m_out = float(e[4:].median())
     if m_in >= m_out:
-        m_in, m_out = m_out - 1e-3, m_out
+        m_in = m_out - 1e-3
     loss = GRegLoss("greg", lambda_energy=0.1, lambda_grad=1.0, m_in=m_in, m_out=m_out)
     terms = loss(model, x_in, y, x_out)
     mask = correct_side(e[:4], e[4:], m_in, m_out)
@@ -90,7 +90,7 @@ def test_reference_scaling_divides_by_batch_size():
     model = tiny_model()
     x_in, x_out = torch.randn(4, 3, 2, 2).double(), torch.randn(6, 3, 2, 2).double()
     y = torch.tensor([0, 1, 2, 3])
-    kw = dict(m_in=-100.0, m_out=-100.0 + 1e-9)  # every outlier on the correct side
+    kw = {"m_in": -100.0, "m_out": -100.0 + 1e-9}  # every outlier on the correct side
     paper = GRegLoss("greg", grad_scaling="paper", **kw)(model, x_in, y, x_out).grad
     ref = GRegLoss("greg", grad_scaling="reference", **kw)(model, x_in, y, x_out).grad
     assert paper > 0
@@ -101,7 +101,7 @@ def test_modes_add_terms_progressively():
     model = tiny_model()
     x_in, x_out = torch.randn(4, 3, 2, 2).double(), torch.randn(6, 3, 2, 2).double()
     y = torch.tensor([0, 1, 2, 3])
-    kw = dict(m_in=-100.0, m_out=-99.0)
+    kw = {"m_in": -100.0, "m_out": -99.0}
     ce = GRegLoss("ce", **kw)(model, x_in, y, x_out)
     en = GRegLoss("energy", **kw)(model, x_in, y, x_out)
     gr = GRegLoss("greg", **kw)(model, x_in, y, x_out)
@@ -121,7 +121,7 @@ def test_eval_bn_mode_gives_exact_per_sample_gradients_with_batchnorm():
         model(torch.randn(8, 3, 4, 4).double())
     x_in, x_out = torch.randn(3, 3, 4, 4).double(), torch.randn(3, 3, 4, 4).double()
     y = torch.tensor([0, 1, 2])
-    kw = dict(m_in=-1000.0, m_out=-999.0)  # all outliers on the correct side, no ID
+    kw = {"m_in": -1000.0, "m_out": -999.0}  # all outliers on the correct side, no ID
     terms = GRegLoss("greg", grad_bn="eval", **kw)(model, x_in, y, x_out, eval_model=model)
     assert model.training  # restored
     model.eval()

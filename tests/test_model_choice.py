@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import RESNET20, tiny_config
 
-import training.pipeline as pipeline
-import training.report as report
-from training import model_choice
+from training import model_choice, pipeline, report
 from training.bundle import load_bundle
 from training.calibration import is_ood
 from training.cli import main as cli_main
@@ -20,8 +19,6 @@ from training.evaluation import score_dataset
 from training.models import build_model, load_weights
 from training.trainer import Trainer, prepare, train
 from training.weight_interpolation import interpolate_states
-
-from conftest import RESNET20, tiny_config
 
 
 def test_validation_outliers_are_never_trained_on_and_are_recorded(tiny_data, tmp_path):

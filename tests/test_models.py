@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from conftest import RESNET20
 
 from training.models import MODEL_NAMES, build_model, load_weights
-
-from conftest import RESNET20
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -166,7 +166,8 @@ async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
         first = asyncio.create_task(predict(client, png(noise_image(1))))
         await wait_until(gate.entered.is_set)  # first is in the forward pass
         second = asyncio.create_task(predict(client, png(noise_image(2))))
-        await wait_until(lambda: len(client.app.state.engine.scorer.batcher._pending) == 1)  # queued
+        batcher = client.app.state.engine.scorer.batcher
+        await wait_until(lambda: len(batcher._pending) == 1)  # queued
 
         started = time.perf_counter()
         assert (await client.get("/healthz")).status_code == 200

@@ -18,8 +18,9 @@ from service.settings import Settings
 
 
 def run_service(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=tmp_path,
-                          env=service_env(**env), capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "service", *args], check=False,
+                          cwd=tmp_path, env=service_env(**env), capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_help_documents_every_setting_and_starts_nothing(tmp_path):

@@ -145,7 +145,7 @@ async def test_a_worker_that_stops_reading_is_cut_off_not_waited_for(tiny_bundle
     engine = RunningEngine(tiny_bundle, tmp_path / "engine.sock", device="cpu",
                            max_batch_size=1)
     try:
-        arrays, fd = SlotArrays.create(600, (3, 32, 32), 10)
+        _arrays, fd = SlotArrays.create(600, (3, 32, 32), 10)
         stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stalled.connect(str(engine.address))
         socket.send_fds(stalled, [proto.HELLO.pack(600, os.getpid())], [fd])

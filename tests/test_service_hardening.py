@@ -109,7 +109,7 @@ async def test_a_batch_of_large_blank_pngs_is_refused_within_its_budget(tiny_bun
     """The attack at small scale: each all-zero PNG passes the per-image limit and is tiny
     on the wire, but together they would decode to 8 Mpx; the request gets 413 after at most
     the budget's worth of decoding."""
-    import service.decoding as decoding
+    from service import decoding
 
     decoded = []
     load_rgb = decoding.load_rgb
@@ -134,7 +134,7 @@ async def test_a_batch_of_large_blank_pngs_is_refused_within_its_budget(tiny_bun
 async def test_one_request_cannot_monopolise_the_decode_pool(tiny_bundle, monkeypatch):
     """One decoding thread, a batch of 24 slow images in flight: a single image sent just
     after it is answered long before the batch, not behind its 24 queued decodes."""
-    import service.decoding as decoding
+    from service import decoding
 
     load_rgb = decoding.load_rgb
     monkeypatch.setattr(decoding, "load_rgb",

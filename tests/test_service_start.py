@@ -254,8 +254,8 @@ def test_a_worker_that_cannot_start_stops_the_service(tiny_bundle, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "service"], cwd=tmp_path, capture_output=True, text=True,
-            timeout=120, env=service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port,
+            [sys.executable, "-m", "service"], check=False, cwd=tmp_path, capture_output=True,
+            text=True, timeout=120, env=service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port,
                                          OODSERVE_WORKERS=2))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

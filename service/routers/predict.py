@@ -85,21 +85,21 @@ def params_dependency(file_field: str, single: bool):
                 files += not isinstance(value, str)
                 texts += isinstance(value, str)
             elif not isinstance(value, str):
-                problems.append((("form", name), f"unexpected file field; the image goes "
-                                 f"in `{file_field}`"))
+                problems.append((("form", name), (f"unexpected file field; the image goes "
+                                                  f"in `{file_field}`")))
             elif name in fields and fields[name] != value:
                 problems.append((("form", name), "given twice with different values"))
             elif name in query and query[name] != value:
-                problems.append((("form", name), "given in the query and the form with "
-                                 "different values"))
+                problems.append((("form", name), ("given in the query and the form with "
+                                                  "different values")))
             else:
                 fields[name] = value
         if not files:  # said here, as FastAPI would, so that it is not hidden by the rest
-            problems.append((("body", file_field), "Expected UploadFile, received a text "
-                             "field" if texts else "Field required"))
+            problems.append((("body", file_field), ("Expected UploadFile, received a text "
+                                                    "field") if texts else "Field required"))
         if single and files > 1:
-            problems.append((("form", file_field), f"{files} files; /predict takes one "
-                             "image, send several to /predict/batch"))
+            problems.append((("form", file_field), (f"{files} files; /predict takes one "
+                                                    "image, send several to /predict/batch")))
         return _validate(query, fields, problems)
 
     return predict_params
