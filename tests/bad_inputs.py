@@ -1,5 +1,5 @@
 """The bad-input corpus: hostile or odd uploads and request bodies, each with the status,
-error code and message words the service documents for it (README, Service: errors).
+error code and message words the service documents for it (docs/service.md, the errors table).
 
 Everything is generated here, nothing is a committed blob. The tests
 (``tests/test_service_corpus.py``) post every case to an app with the default limits, and

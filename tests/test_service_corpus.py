@@ -15,7 +15,7 @@ from service.settings import Settings
 pytestmark = pytest.mark.anyio
 
 CASES = build()
-README = Path(__file__).resolve().parents[1] / "README.md"
+SERVICE_DOCS = Path(__file__).resolve().parents[1] / "docs" / "service.md"
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ async def test_still_healthy_and_unchanged_after_the_corpus(client):
 
 
 def readme_error_table() -> set[tuple[int, str]]:
-    """(status, code) pairs of the README's error table."""
+    """(status, code) pairs of the error table in docs/service.md."""
     pairs = set()
-    for line in README.read_text().splitlines():
+    for line in SERVICE_DOCS.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and re.fullmatch(r"\d{3}(, \d{3})*", cells[0]):
             statuses = [int(s) for s in cells[0].split(", ")]

@@ -1,5 +1,5 @@
 """The short soak: bench/soak.py for 20 s at concurrency 64 (the full run is 5 minutes; its
-figures are in the README), with the same pass conditions."""
+figures are in docs/benchmarks.md), with the same pass conditions."""
 
 import json
 import os

@@ -99,9 +99,9 @@ def ablate(config: str, overrides: list[str], modes: list[str], out: Path) -> Pa
     rows.sort(key=lambda r: MODES.index(r["mode"]))
     cfg = load_config(config, overrides)
     md = [f"# Ablation of `{config}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
-          "", f"Start: `{cfg.model.pretrained}`; each mode trained with the same optimiser, "
+          "", (f"Start: `{cfg.model.pretrained}`; each mode trained with the same optimiser, "
           f"steps, seed and outliers; ID test `{cfg.evaluation.id_test}`; `aux-val`: the "
-          "auxiliary outliers no run trained on. Cells: FPR95 / AUROC %, ID positive.", "",
+          "auxiliary outliers no run trained on. Cells: FPR95 / AUROC %, ID positive."), "",
           "## Energy", "", *table(rows, "energy"), "",
           "## FeatureNorm (each run's selected block)", "", *table(rows, "featurenorm"), ""]
     out.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ class Manifest(_Strict):
     weights: WeightsFile
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Manifest":
+    def _consistent(self) -> Manifest:
         if self.featurenorm.selected_block not in self.taps:
             raise ValueError(f"featurenorm.selected_block {self.featurenorm.selected_block!r} "
                              f"is not among taps {self.taps}")

@@ -20,6 +20,7 @@ interpolation error is below the score spacing of neighbouring ID images.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,13 +41,13 @@ class QuantileTable(BaseModel):
     values: list[float]
 
     @model_validator(mode="after")
-    def _check(self) -> "QuantileTable":
+    def _check(self) -> QuantileTable:
         p, v = self.probabilities, self.values
         if len(p) != len(v) or len(p) < 2:
             raise ValueError("probabilities and values must have the same length (>= 2)")
-        if p[0] != 0.0 or p[-1] != 1.0 or any(b <= a for a, b in zip(p, p[1:])):
+        if p[0] != 0.0 or p[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(p)):
             raise ValueError("probabilities must rise strictly from 0 to 1")
-        if not all(math.isfinite(x) for x in v) or any(b < a for a, b in zip(v, v[1:])):
+        if not all(math.isfinite(x) for x in v) or any(b < a for a, b in itertools.pairwise(v)):
             raise ValueError("values must be finite and non-decreasing")
         return self
 
@@ -73,7 +74,7 @@ class ScoreCalibration(BaseModel):
     quantiles: QuantileTable
 
     @model_validator(mode="after")
-    def _direction(self) -> "ScoreCalibration":
+    def _direction(self) -> ScoreCalibration:
         if self.quantiles.higher_is_id != self.higher_is_id:
             raise ValueError("quantiles.higher_is_id disagrees with higher_is_id")
         return self

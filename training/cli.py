@@ -31,6 +31,7 @@ from pathlib import Path
 
 from training.config import ConfigError, load_config
 
+
 def _parse_named(items: list[str]) -> dict[str, str]:
     named = {}
     for item in items:
@@ -99,8 +100,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from training.data.sources import open_dataset
-    from training.report import evaluate_model, figures, markdown, operating_point, \
-        operating_point_markdown
+    from training.report import (
+        evaluate_model,
+        figures,
+        markdown,
+        operating_point,
+        operating_point_markdown,
+    )
     from training.runtime import select_device
 
     if bool(args.bundle) == bool(args.config):
@@ -179,10 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint")
     p.set_defaults(func=cmd_train)
 
-    for cmd, func, text in (("build", cmd_build, "train, then select, evaluate, calibrate "
-                             "and export a bundle"),
-                            ("export", cmd_export, "select, evaluate, calibrate and export a "
-                             "bundle from a finished run")):
+    for cmd, func, text in (("build", cmd_build, ("train, then select, evaluate, calibrate "
+                             "and export a bundle")),
+                            ("export", cmd_export, ("select, evaluate, calibrate and export a "
+                             "bundle from a finished run"))):
         p = sub.add_parser(cmd, help=text)
         p.add_argument("--config", required=True, help="YAML file, e.g. configs/...yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides")

@@ -6,7 +6,12 @@ path of the offending key. Any key can be overridden on the command line as
 ``section.key=value`` (the value is parsed as YAML: ``train.epochs=3``,
 ``optim.milestones=[50,55]``, ``model.pretrained=null``).
 
-Relative paths are taken relative to the working directory (run from the repository root).
+A file may start from another with ``base: other.yaml`` (a path relative to the file): the
+base's sections are merged under the file's key by key, so the data, preprocessing and test
+sets that every CIFAR-10 run shares are written once (``configs/base/``).
+
+Relative paths inside a config are taken relative to the working directory (run from the
+repository root).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class LossConfig(_Section):
     grad_bn: Literal["shared", "eval"] = "shared"
 
     @model_validator(mode="after")
-    def _margins(self) -> "LossConfig":
+    def _margins(self) -> LossConfig:
         if self.m_in >= self.m_out:
             raise ValueError(f"m_in ({self.m_in}) must be below m_out ({self.m_out}): "
                              "ID energies are pushed below m_in, outliers above m_out")
@@ -118,7 +123,8 @@ class EvaluationConfig(_Section):
     @model_validator(mode="after")
     def _profile(self) -> EvaluationConfig:
         if self.profile_ood is not None and self.profile_ood not in self.ood:
-            raise ValueError(f"profile_ood {self.profile_ood!r} is not one of ood: {list(self.ood)}")
+            raise ValueError(f"profile_ood {self.profile_ood!r} is not one of ood: "
+                             f"{list(self.ood)}")
         return self
 
 
@@ -157,7 +163,7 @@ class RunConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         if self.loss.mode != "ce" and not self.data.aux:
             raise ValueError(f"loss.mode {self.loss.mode!r} needs auxiliary outliers: set data.aux")
         if self.loss.mode == "greg+" and self.sampler.pool_size < self.outliers_per_step:
@@ -208,16 +214,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, anything else in ``top`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_config_file(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, with its ``base:`` file (relative to it) merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: its base: chain loops back to itself")
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config file")
+    return merge(read_config_file(path.parent / base, (*_chain, path.resolve())), loaded)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        raw = loaded
+        raw = read_config_file(Path(path))
     raw = apply_overrides(raw, list(overrides))
     try:
         return RunConfig.model_validate(raw)

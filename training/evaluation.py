@@ -8,7 +8,7 @@ scores identical for the same image.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -29,8 +29,9 @@ Choices where the paper and its code differ (METHOD.md, open ambiguities 2 and 3
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,14 @@ from training.scores import energy
 LossMode = Literal["ce", "energy", "greg", "greg+"]
 
 
-def energy_hinge(e_in: torch.Tensor, e_out: torch.Tensor, m_in: float, m_out: float) -> torch.Tensor:
+def energy_hinge(e_in: torch.Tensor, e_out: torch.Tensor, m_in: float,
+                 m_out: float) -> torch.Tensor:
     """Liu et al.'s squared-hinge energy loss: zero when ID <= m_in and outliers >= m_out."""
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 
-def correct_side(e_in: torch.Tensor, e_out: torch.Tensor, m_in: float, m_out: float) -> torch.Tensor:
+def correct_side(e_in: torch.Tensor, e_out: torch.Tensor, m_in: float,
+                 m_out: float) -> torch.Tensor:
     """Boolean mask over ``cat(ID, outliers)``: samples already past their margin."""
     return torch.cat([e_in <= m_in, e_out >= m_out]).detach()
 

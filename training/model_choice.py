@@ -73,8 +73,8 @@ class Choice:
     def markdown(self) -> str:
         sets = list(self.chosen.fpr95)
         lines = ["## Choice of the weights (validation data only)", "", RULE, "",
-                 f"Starting weights' held-out accuracy: {100 * self.start_accuracy:.2f}%; "
-                 f"allowed drop: {self.max_drop:g} points.", "",
+                 (f"Starting weights' held-out accuracy: {100 * self.start_accuracy:.2f}%; "
+                 f"allowed drop: {self.max_drop:g} points."), "",
                  "| a | held-out acc. % | " + " | ".join(f"{s} energy FPR95 / AUROC %"
                                                         for s in sets) + " | mean FPR95 % |",
                  "|---|---|" + "---|" * len(sets) + "---|"]
@@ -84,8 +84,8 @@ class Choice:
                 f"{100 * c.fpr95[s]:.2f} / {100 * c.auroc[s]:.2f}" for s in sets)
                 + f" | {100 * c.mean_fpr95:.2f} |")
         if not self.within_drop:
-            lines += ["", "No candidate stayed within the allowed drop: the most accurate one "
-                          "was taken."]
+            lines += ["", ("No candidate stayed within the allowed drop: the most accurate one "
+                          "was taken.")]
         return "\n".join(lines) + "\n"
 
 

@@ -24,9 +24,10 @@ from training.scores import energy
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
     """Cluster the rows of ``x`` (unit vectors) into ``k`` groups; returns (N,) assignments.
 
-    k-means++ seeding (without host synchronisation), then Lloyd iterations with squared Euclidean distance (on unit vectors
-    that is 2 - 2 cos, so this is spherical-friendly without special cases). A cluster that
-    loses all its members keeps its old centre; the picking step simply finds it empty.
+    k-means++ seeding (without host synchronisation), then Lloyd iterations with squared
+    Euclidean distance (on unit vectors that is 2 - 2 cos, so this is spherical-friendly
+    without special cases). A cluster that loses all its members keeps its old centre; the
+    picking step simply finds it empty.
     """
     n = x.shape[0]
     k = min(k, n)

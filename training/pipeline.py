@@ -40,11 +40,18 @@ from training.data.archives import source_provenance
 from training.data.sampling import stratified_split
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
-from training.models import build_model, load_state, load_weights
 from training.model_choice import choose_interpolation
-from training.report import DETECTORS, ModelResult, evaluate_model, figures, markdown, \
-    operating_point, operating_point_markdown
+from training.models import build_model, load_state, load_weights
 from training.progress import step
+from training.report import (
+    DETECTORS,
+    ModelResult,
+    evaluate_model,
+    figures,
+    markdown,
+    operating_point,
+    operating_point_markdown,
+)
 from training.runtime import select_device
 from training.trainer import aux_split
 from training.weight_interpolation import average_states, interpolate_states
@@ -60,19 +67,19 @@ def _summary(result: ModelResult) -> dict[str, Any]:
 def _readme(cfg: RunConfig, name: str, command: str, md_head: str) -> str:
     return "\n".join([
         f"# {name}", "",
-        f"`{cfg.model.name}` trained as `{cfg.loss.mode}` by oodserve. Load it with "
-        "`training.bundle.load_bundle` or serve it with the service; see `manifest.json`.", "",
+        (f"`{cfg.model.name}` trained as `{cfg.loss.mode}` by oodserve. Load it with "
+        "`training.bundle.load_bundle` or serve it with the service; see `manifest.json`."), "",
         "## Reproduce", "", "From the repository root:", "", "```", command, "```", "",
         f"It starts from `{cfg.model.pretrained}`; when that file is the output of another "
         "run (such as a first training stage), run that stage's config first."
         if cfg.model.pretrained else "It trains from scratch.", "",
         "## Results", "",
-        "`report.md` has every table, `report.json` the same numbers, `plots/` the figures "
-        "(score histograms, ROC curves per OOD set, NormRatio vs per-block AUROC).", "",
+        ("`report.md` has every table, `report.json` the same numbers, `plots/` the figures "
+        "(score histograms, ROC curves per OOD set, NormRatio vs per-block AUROC)."), "",
         md_head, "",
         "## Data and licences", "",
-        "Data provenance (sources and sha256) is in `manifest.json` under `provenance`. "
-        "`NOTICE`, when present, is the licence notice of the initial weights.", ""])
+        ("Data provenance (sources and sha256) is in `manifest.json` under `provenance`. "
+        "`NOTICE`, when present, is the licence notice of the initial weights."), ""])
 
 
 def selection_indices(cfg: RunConfig, train_idx: list[int]) -> list[int]:
@@ -190,9 +197,9 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     notes = [f"ID test: `{ev.id_test}` ({len(id_test)} images); OOD: "
              + ", ".join(f"{n} `{s}` ({len(ood_sets[n])})" for n, s in ev.ood.items()),
              "ID is the positive class; FPR95 = share of OOD accepted at 95% ID TPR.",
-             f"FeatureNorm block chosen by NormRatio on {len(selection)} ID training images; "
+             (f"FeatureNorm block chosen by NormRatio on {len(selection)} ID training images; "
              f"thresholds calibrated on {len(val)} held-out ID validation images at "
-             f"TPR {ev.tpr:g}.",
+             f"TPR {ev.tpr:g}."),
              "Baselines: " + (", ".join(f"{n} = `{p}`" for n, p in ev.baselines.items())
                               or "none")]
     end = f"`{weights}`"

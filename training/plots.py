@@ -66,7 +66,8 @@ class _Axes:
                          f'y="{bottom + 18}" text-anchor="middle">{_fmt(t)}</text>')
         for t in _nice_ticks(self.y0, self.y1):
             if self.y0 <= t <= self.y1:
-                p.append(f'<line x1="{self.left - 5}" y1="{self.y(t):.1f}" x2="{self.left + self.width}" '
+                p.append(f'<line x1="{self.left - 5}" y1="{self.y(t):.1f}" '
+                         f'x2="{self.left + self.width}" '
                          f'y2="{self.y(t):.1f}" stroke="#e5e5e5"/><text x="{self.left - 8}" '
                          f'y="{self.y(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
         p.append(f'<rect x="{self.left}" y="{self.top}" width="{self.width}" '
@@ -177,7 +178,8 @@ def block_profile(blocks: list[str], norm_ratio: dict[str, float], auroc: dict[s
     ax.parts.append(f'<line x1="{ax.x(sel):.1f}" y1="{ax.top}" x2="{ax.x(sel):.1f}" '
                     f'y2="{bottom}" stroke="#000" stroke-dasharray="4 3"/>')
     for i in xs:
-        ax.parts.append(f'<circle cx="{ax.x(i):.1f}" cy="{ax.y(r[i]):.1f}" r="3" fill="{PALETTE[0]}"/>'
+        ax.parts.append(f'<circle cx="{ax.x(i):.1f}" cy="{ax.y(r[i]):.1f}" r="3" '
+                        f'fill="{PALETTE[0]}"/>'
                         f'<circle cx="{ax.x(i):.1f}" cy="{ax.y(to_left(a[i])):.1f}" r="3" '
                         f'fill="{PALETTE[1]}"/>')
     return ax.svg()

@@ -62,7 +62,8 @@ def _detector_scores(raw: dict[str, np.ndarray], selected: str, last: str) -> di
             "featurenorm_last": raw[f"featurenorm/{last}"]}
 
 
-def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset, ood_sets: dict[str, Dataset], device: torch.device,
+def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset,
+                   ood_sets: dict[str, Dataset], device: torch.device,
                    selection_set: Dataset | None = None, seed: int = 0,
                    batch_size: int = 256, num_workers: int = 0,
                    selected_block: str | None = None,
@@ -190,7 +191,8 @@ def figures(result: ModelResult, profile_set: str,
     out = {}
     ood_names = [s for s in result.scores if s != "id"]
     for det, xlabel in (("energy", "energy (lower = more ID)"),
-                        ("featurenorm", f"FeatureNorm at {result.selected_block} (higher = more ID)"),
+                        ("featurenorm",
+                         f"FeatureNorm at {result.selected_block} (higher = more ID)"),
                         ("msp", "max softmax probability (higher = more ID)")):
         series = {"ID test": result.scores["id"][det]}
         series |= {s: result.scores[s][det] for s in ood_names}

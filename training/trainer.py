@@ -35,8 +35,13 @@ from tqdm import tqdm
 
 from training.config import ConfigError, RunConfig
 from training.data.archives import source_provenance
-from training.data.sampling import SeededItems, StepBatches, mix_seed, random_split, \
-    stratified_split
+from training.data.sampling import (
+    SeededItems,
+    StepBatches,
+    mix_seed,
+    random_split,
+    stratified_split,
+)
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
 from training.losses import GRegLoss
@@ -151,7 +156,8 @@ def lr_factor(cfg: RunConfig, steps_per_epoch: int):
 
     def factor(step: int) -> float:
         if o.schedule == "cosine":
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / total))
+            cosine = 0.5 * (1 + math.cos(math.pi * step / total))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine
         if o.schedule == "multistep":
             epoch = step // steps_per_epoch
             return o.gamma ** sum(epoch >= m for m in o.milestones)
@@ -340,7 +346,8 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             sums: dict[str, float] = {}
             count, images, started = 0, 0, time.perf_counter()
-            bar = tqdm(total=spe, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+            bar = tqdm(total=spe, initial=self.step,
+                       desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                        disable=not self.rt.is_main, dynamic_ncols=True, unit="step")
             for id_batch, aux_batch in self.batches():
                 stats = self.train_step(id_batch, aux_batch)
@@ -351,7 +358,8 @@ class Trainer:
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
                 rate = images * self.rt.world / (time.perf_counter() - started)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()} | {"img/s": f"{rate:.0f}"})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()}
+                                | {"img/s": f"{rate:.0f}"})
                 bar.update(1)
                 last_of_epoch = self.step == spe
                 if last_of_epoch:

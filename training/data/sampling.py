@@ -16,7 +16,7 @@ per step from a concatenation of fresh permutations, wrapping as often as needed
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -92,7 +92,8 @@ class SeededItems(Dataset):
         return self.base[index]
 
 
-def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[int], fraction: float,
+                     seed: int) -> tuple[list[int], list[int]]:
     """Split indices into (train, held-out) keeping ``fraction`` of every class held out.
 
     The held-out part is the ID validation set that threshold calibration uses; it is a pure

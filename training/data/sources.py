@@ -79,7 +79,8 @@ def open_dataset(
             count = int(parts[1]) if len(parts) > 1 else 10_000
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
-            raise ValueError(f"{source}: expected synthetic:KIND[:N[:SEED]] with integers") from None
+            raise ValueError(
+                f"{source}: expected synthetic:KIND[:N[:SEED]] with integers") from None
         return _TransformAfter(SyntheticOOD(parts[0], count, image_size, seed), transform)
     path_part, _, sub = source.partition("#")
     path = Path(path_part).expanduser()

@@ -40,7 +40,7 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_MEAN_STD[1]
 
     @model_validator(mode="after")
-    def _check(self) -> "Preprocessing":
+    def _check(self) -> Preprocessing:
         if self.resize_size < self.input_size:
             raise ValueError("resize_size must be >= input_size")
         if any(s <= 0 for s in self.std):

@@ -7,5 +7,11 @@ selection, evaluation and the service tap blocks the same way whatever the archi
 from training.models.base import Features, TappedClassifier
 from training.models.registry import MODEL_NAMES, build_model, load_state, load_weights
 
-__all__ = ["Features", "TappedClassifier", "MODEL_NAMES", "build_model", "load_state",
-           "load_weights"]
+__all__ = [
+           "MODEL_NAMES",
+           "Features",
+           "TappedClassifier",
+           "build_model",
+           "load_state",
+           "load_weights",
+]

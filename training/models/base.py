@@ -14,8 +14,8 @@ name in a bundle manifest can always be found again with ``model.get_submodule(n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -9,8 +9,8 @@ Weights load from safetensors files or from ``torch.save`` files read with
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -83,7 +83,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "not a weights file"
+        except Exception as exc:
             raise ValueError(f"{path}: not a readable torch weights file ({exc})") from exc
         state = obj
         if isinstance(obj, dict) and "state_dict" in obj:
