@@ -7,10 +7,10 @@ import json
 import re
 from pathlib import Path
 
+from conftest import RESNET20
+
 from training.bundle import load_bundle
 from training.cli import main as cli_main
-
-from conftest import RESNET20
 
 
 def test_the_documented_quick_start_builds_a_loadable_bundle(tiny_data, tmp_path, capsys):
