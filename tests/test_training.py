@@ -80,6 +80,24 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_data, tmp_path):
         other.try_resume()
 
 
+@pytest.mark.parametrize("mode,resumes", [("ce", True), ("energy", False)])
+def test_a_checkpoint_from_before_the_outlier_split_resumes_only_in_ce(tiny_data, tmp_path,
+                                                                       mode, resumes):
+    args = ("train.epochs=1", "train.max_steps_per_epoch=2", "train.checkpoint_every=1",
+            f"loss.mode={mode}")
+    trainer = Trainer(prepare(tiny_config(tiny_data, tmp_path / "c", *args)))
+    trainer.run(stop_after_steps=1)
+    state = torch.load(trainer.checkpoint_path, weights_only=True)
+    del state["config"]["data"]["aux_val_fraction"]  # as written before the key existed
+    torch.save(state, trainer.checkpoint_path)
+    again = Trainer(prepare(tiny_config(tiny_data, tmp_path / "c", *args)))
+    if resumes:
+        assert again.try_resume() and again.step == 1
+    else:
+        with pytest.raises(ConfigError, match="data.aux_val_fraction"):
+            again.try_resume()
+
+
 def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

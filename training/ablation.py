@@ -9,8 +9,10 @@ sets plus the auxiliary outliers no run trained on (``aux-val``), and writes one
 
 The run of the config's own mode is the config's ``run_dir`` itself, so the ablation of a
 bundle's config reuses (or produces) the bundle's training run; the other modes go to
-``RUN_DIR-<mode>``. Training time is the sum of the epochs' ``seconds`` in each run's
-``metrics.jsonl``: a run resumed after a kill counts only the steps of its last call.
+``RUN_DIR-<mode>``. Steps and training time are the sums of the epochs' ``steps`` and
+``seconds`` in each run's ``metrics.jsonl``: a run resumed after a kill counts only the steps
+of its last call. Each run is measured on its own weights: an ``export`` of the same config
+may then mix them with the start (``export.interpolation``), so its bundle's figures differ.
 """
 
 from __future__ import annotations

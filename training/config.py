@@ -8,7 +8,9 @@ path of the offending key. Any key can be overridden on the command line as
 
 A file may start from another with ``base: other.yaml`` (a path relative to the file): the
 base's sections are merged under the file's key by key, so the data, preprocessing and test
-sets that every CIFAR-10 run shares are written once (``configs/base/``).
+sets that every CIFAR-10 run shares are written once (``configs/base/``). A file can change
+or add entries of an inherited mapping (``evaluation.ood``) but not drop them; a command-line
+override of the mapping itself (``evaluation.ood={...}``) replaces it whole.
 
 Relative paths inside a config are taken relative to the working directory (run from the
 repository root).

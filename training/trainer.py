@@ -235,6 +235,9 @@ class Trainer:
         old, new = _flatten(state["config"]), _flatten(self.cfg.model_dump(mode="json"))
         changed = sorted(k for k in set(old) | set(new)
                          if old.get(k) != new.get(k) and not _resumable(k))
+        if self.cfg.loss.mode == "ce" and "data.aux_val_fraction" not in old:
+            # a checkpoint from before the outlier split existed: a ce run never reads outliers
+            changed = [k for k in changed if k != "data.aux_val_fraction"]
         if changed:
             raise ConfigError(
                 f"{self.checkpoint_path} was written with another config "
