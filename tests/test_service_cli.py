@@ -80,6 +80,13 @@ def test_a_bad_flag_value_names_the_flag_and_the_variable(tmp_path, monkeypatch)
     assert "Traceback" not in result.stderr
 
 
+def _as_from_a_terminal() -> None:
+    # A shell starts background jobs (CI's runner may be one) with SIGINT ignored, and the
+    # ignore is inherited; Python then installs no handler of its own, as it should not. A
+    # command typed at a terminal starts with the default disposition: so does this one.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp_path: Path, *args: str, **env) -> tuple[subprocess.Popen, Path]:
     """`python -m service` in a session of its own (its process group is what a terminal's
     Ctrl-C reaches), logging to a file."""
@@ -87,7 +94,9 @@ def start(tmp_path: Path, *args: str, **env) -> tuple[subprocess.Popen, Path]:
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service", *args], cwd=tmp_path,
                                 env=service_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                # one signal call between fork and exec: no lock involved
+                                start_new_session=True,
+                                preexec_fn=_as_from_a_terminal)  # noqa: PLW1509
     return proc, log
 
 
