@@ -6,6 +6,8 @@ import asyncio
 import io
 import os
 import socket
+import subprocess
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,6 +36,20 @@ def service_env(**overrides) -> dict[str, str]:
                OODSERVE_WORKERS="1")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
+    """Until ``python -m service`` (``proc``, logging to ``log``) answers ``/readyz`` with 200
+    on ``port``; fails with the log if it exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def children(pid: int) -> list[int]:

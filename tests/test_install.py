@@ -7,11 +7,10 @@ import signal
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from service_helpers import free_port
+from service_helpers import free_port, wait_ready
 
 from service.settings import DEFAULT_BUNDLE, DEFAULT_BUNDLE_NAME, REPO_ROOT
 from training.bundle import load_bundle
@@ -73,16 +72,7 @@ def test_a_wheel_install_serves_the_default_bundle_from_elsewhere(tmp_path):
             cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(proc, port, log, timeout=60)
         model = httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
         assert model["name"] == name
         assert str(purelib / "service" / "_models" / DEFAULT_BUNDLE_NAME) in log.read_text()

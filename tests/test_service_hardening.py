@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from service_helpers import encode, noise_image, png, serve, settings
+from service_helpers import encode, free_port, noise_image, png, serve, settings, wait_ready
 
 pytestmark = pytest.mark.anyio
 
@@ -193,9 +193,7 @@ KEY = "0123456789abcdef0123"
 def server(tiny_bundle, tmp_path_factory):
     """``python -m service`` (one worker) with an API key and a 2 s read timeout."""
     tmp = tmp_path_factory.mktemp("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
     env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_WORKERS="1",
                OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=str(tiny_bundle),
@@ -205,14 +203,7 @@ def server(tiny_bundle, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_ready(proc, port, log)
         yield port
     finally:
         proc.terminate()

@@ -14,7 +14,6 @@ import stat
 import string
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,16 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from service_helpers import encode, noise_image, png, predict, serve, settings
+from service_helpers import (
+    encode,
+    free_port,
+    noise_image,
+    png,
+    predict,
+    serve,
+    settings,
+    wait_ready,
+)
 
 import service.security
 from service.app import create_app
@@ -320,9 +328,7 @@ async def test_no_request_data_in_the_logs(tiny_bundle, monkeypatch, all_logs):
 
 def test_no_request_data_in_the_server_log(tiny_bundle, tmp_path):
     """The real server, uvicorn's own logging included, at log level debug."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
     env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_BUNDLE=str(tiny_bundle),
                OODSERVE_PORT=str(port), OODSERVE_LOG_LEVEL="debug")
@@ -332,14 +338,7 @@ def test_no_request_data_in_the_server_log(tiny_bundle, tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_ready(proc, port, log, timeout=120)
 
         async def drive():
             async with httpx.AsyncClient(base_url=base) as client:
