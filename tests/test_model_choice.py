@@ -14,6 +14,7 @@ from training import model_choice, pipeline, report
 from training.bundle import load_bundle
 from training.calibration import is_ood
 from training.cli import main as cli_main
+from training.data import sources
 from training.data.sources import open_dataset
 from training.evaluation import score_dataset
 from training.models import build_model, load_weights
@@ -104,6 +105,7 @@ def test_export_chooses_on_validation_data_before_any_test_set_is_opened(
         return real_choose(*a, **kw)
 
     monkeypatch.setattr(pipeline, "open_dataset", recording_open)
+    monkeypatch.setattr(sources, "open_dataset", recording_open)  # open_unlabelled's
     monkeypatch.setattr(pipeline, "choose_interpolation", recording_choose)
     out = pipeline.export_run(cfg)
     assert test_id not in seen_by_choice["opened"] and test_ood not in seen_by_choice["opened"]

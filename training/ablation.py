@@ -25,9 +25,9 @@ from torch.utils.data import Subset
 
 from training.config import RunConfig, load_config
 from training.data.sampling import stratified_split
-from training.data.sources import open_dataset
+from training.data.sources import open_dataset, open_unlabelled
 from training.models import build_model, load_weights
-from training.pipeline import selection_indices, validation_ood_sets
+from training.pipeline import aux_validation_set, selection_indices
 from training.report import ModelResult, evaluate_model
 from training.runtime import select_device
 
@@ -52,9 +52,9 @@ def measure(cfg: RunConfig, weights: Path, run: dict) -> ModelResult:
     tf = pre.eval_transform()
     full = open_dataset(cfg.data.train, labeled=True, transform=tf, cache_dir=cache)
     train_idx, _ = stratified_split(full.targets, cfg.data.val_fraction, cfg.seed)
-    ood = {n: open_dataset(s, labeled=False, transform=tf, image_size=pre.input_size,
-                           cache_dir=cache) for n, s in ev.ood.items()}
-    ood |= {n: d for n, d in validation_ood_sets(cfg, run, tf).items() if n == "aux-val"}
+    ood = open_unlabelled(ev.ood, pre, cache)
+    if (held := aux_validation_set(cfg, run)) is not None:
+        ood["aux-val"] = held
     device = select_device(cfg.train.device)
     model = build_model(cfg.model.name, num_classes=len(run["classes"]), **cfg.model.options)
     load_weights(model, weights)

@@ -99,7 +99,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
-    from training.data.sources import open_dataset
+    from training.data.sources import open_dataset, open_unlabelled
     from training.report import (
         evaluate_model,
         figures,
@@ -148,8 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     id_set = open_dataset(id_source, labeled=True, transform=tf, cache_dir=cache)
     if list(id_set.classes) != list(classes):
         raise ConfigError(f"{id_source} has classes {list(id_set.classes)}, the model {classes}")
-    ood_sets = {n: open_dataset(src, labeled=False, transform=tf, image_size=pre.input_size,
-                                cache_dir=cache) for n, src in ood_sources.items()}
+    ood_sets = open_unlabelled(ood_sources, pre, cache)
     result = evaluate_model(name, model.to(device).eval(), id_test=id_set, ood_sets=ood_sets,
                             device=device, batch_size=args.batch_size, **kw)
     report = {"model": name, "id": id_source, **result.to_json()}

@@ -38,7 +38,7 @@ from training.calibration import calibrate_score
 from training.config import ConfigError, RunConfig
 from training.data.archives import source_provenance
 from training.data.sampling import stratified_split
-from training.data.sources import open_dataset
+from training.data.sources import open_dataset, open_unlabelled
 from training.evaluation import score_dataset
 from training.model_choice import choose_interpolation
 from training.models import build_model, load_state, load_weights
@@ -93,28 +93,30 @@ def selection_indices(cfg: RunConfig, train_idx: list[int]) -> list[int]:
     return sorted(train_idx[i] for i in pick[:limit].tolist())
 
 
-def validation_ood_sets(cfg: RunConfig, run: dict[str, Any], transform) -> dict[str, Any]:
+def aux_validation_set(cfg: RunConfig, run: dict[str, Any]) -> Subset | None:
+    """The auxiliary outliers the run never trained on, checked against its ``run.json``;
+    None without an auxiliary set or a held-out share of it."""
+    if not (cfg.data.aux and cfg.data.aux_val_fraction > 0):
+        return None
+    aux = open_unlabelled({"aux": cfg.data.aux}, cfg.data.preprocessing,
+                          cfg.data.cache_dir)["aux"]
+    held = aux_split(len(aux), cfg)[1]
+    recorded = run.get("aux_split", {}).get("val_indices")
+    if recorded and recorded != held:
+        raise ConfigError(f"{cfg.run_dir}/run.json holds another auxiliary validation "
+                          "split than the config gives; was the data or config changed?")
+    if run.get("config", {}).get("loss", {}).get("mode", "ce") != "ce" and not recorded:
+        raise ConfigError(f"{cfg.run_dir} trained on every auxiliary outlier (no "
+                          "aux_split in run.json): there are no unseen ones to choose on")
+    return Subset(aux, held)
+
+
+def validation_ood_sets(cfg: RunConfig, run: dict[str, Any]) -> dict[str, Any]:
     """The outlier sets model choices are judged on: the auxiliary outliers the run never
-    trained on (``aux-val``, checked against ``run.json``) and ``evaluation.validation_ood``."""
-    sets: dict[str, Any] = {}
-    if cfg.data.aux and cfg.data.aux_val_fraction > 0:
-        aux = open_dataset(cfg.data.aux, labeled=False, transform=transform,
-                           image_size=cfg.data.preprocessing.input_size,
-                           cache_dir=cfg.data.cache_dir)
-        held = aux_split(len(aux), cfg)[1]
-        recorded = run.get("aux_split", {}).get("val_indices")
-        if recorded and recorded != held:
-            raise ConfigError(f"{cfg.run_dir}/run.json holds another auxiliary validation "
-                              "split than the config gives; was the data or config changed?")
-        if run.get("config", {}).get("loss", {}).get("mode", "ce") != "ce" and not recorded:
-            raise ConfigError(f"{cfg.run_dir} trained on every auxiliary outlier (no "
-                              "aux_split in run.json): there are no unseen ones to choose on")
-        sets["aux-val"] = Subset(aux, held)
-    for name, source in cfg.evaluation.validation_ood.items():
-        sets[name] = open_dataset(source, labeled=False, transform=transform,
-                                  image_size=cfg.data.preprocessing.input_size,
-                                  cache_dir=cfg.data.cache_dir)
-    return sets
+    trained on (``aux-val``) and ``evaluation.validation_ood``."""
+    held = aux_validation_set(cfg, run)
+    return ({} if held is None else {"aux-val": held}) | open_unlabelled(
+        cfg.evaluation.validation_ood, cfg.data.preprocessing, cfg.data.cache_dir)
 
 
 def export_run(cfg: RunConfig, command: str = "") -> Path:
@@ -161,7 +163,7 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
             model, load(cfg.model.pretrained).state_dict(),
             {k: v.clone() for k, v in model.state_dict().items()},
             cfg.export.interpolation_candidates, val_id=val,
-            val_ood=validation_ood_sets(cfg, run, tf), max_drop=cfg.export.max_accuracy_drop,
+            val_ood=validation_ood_sets(cfg, run), max_drop=cfg.export.max_accuracy_drop,
             device=device, **score_kw)
         alpha = choice.chosen.alpha
     elif alpha is not None:
@@ -173,8 +175,7 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     if list(id_test.classes) != run["classes"]:
         raise ConfigError(f"{ev.id_test} has classes {list(id_test.classes)}, the model "
                           f"{run['classes']}")
-    ood_sets = {n: open_dataset(s, labeled=False, transform=tf, image_size=pre.input_size,
-                                cache_dir=cache) for n, s in ev.ood.items()}
+    ood_sets = open_unlabelled(ev.ood, pre, cache)
     kw = {"selection_set": selection, "id_test": id_test, "ood_sets": ood_sets,
           "device": device, "seed": cfg.seed, **score_kw}
     step(f"selecting the FeatureNorm block on {len(selection)} training images, then "

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from training.data.archives import extract_archive, is_archive
 from training.data.folders import LabeledImageFolder, UnlabeledImageFolder
 from training.data.synthetic import SyntheticOOD
+from training.data.transforms import Preprocessing
 
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
 
@@ -100,3 +101,12 @@ class _TransformAfter(Dataset):
     def __getitem__(self, index: int):
         image, label = self.base[index]
         return (self.transform(image) if self.transform else image), label
+
+
+def open_unlabelled(sources: dict[str, str], preprocessing: Preprocessing,
+                    cache_dir=None) -> dict[str, Dataset]:
+    """``name -> source`` opened as unlabelled sets preprocessed for evaluation: the OOD test
+    and validation sets, synthetic ones generated at the model's input size."""
+    return {name: open_dataset(source, labeled=False, transform=preprocessing.eval_transform(),
+                               image_size=preprocessing.input_size, cache_dir=cache_dir)
+            for name, source in sources.items()}
