@@ -102,7 +102,7 @@ def _load(settings: Settings):
     from training.bundle import BundleError, load_bundle
 
     try:
-        return load_bundle(settings.bundle)
+        return load_bundle(settings.bundle, settings.bundle_public_key)
     except BundleError as exc:
         sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (--bundle, "
                  f"OODSERVE_BUNDLE): {exc}")
@@ -118,7 +118,8 @@ def _serve(argv: Sequence[str]) -> None:
         bundle = _load(settings)
         workers, layout = 1, "replicated"
     else:
-        check = preflight_in_child(str(settings.bundle), settings.device)
+        check = preflight_in_child(str(settings.bundle), settings.device,
+                                   settings.bundle_public_key)
         if check.problem is not None:
             sys.exit(f"oodserve: {check.problem}")
         workers = settings.resolved_workers(check.cuda)

@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle)
+            loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle,
+                                                       settings.bundle_public_key)
         except BundleError as exc:
             log.error("cannot serve the bundle %s (OODSERVE_BUNDLE): %s", settings.bundle, exc)
             raise

@@ -8,7 +8,9 @@ after a restart, or would come back serving something else, so ``/readyz`` says 
 call compares the manifest and weights files' ``stat`` with the last check's, and when they
 changed reads the manifest again and hashes the weights; anything but the served bundle
 makes ``/readyz`` answer 503 with the reason (and logs it once), until the files are
-restored or the service is restarted on the new ones. The reason ``/readyz`` gives names
+restored or the service is restarted on the new ones. With a public key
+(``OODSERVE_BUNDLE_PUBLIC_KEY``) the signature file is watched too, and a manifest whose
+signature no longer verifies is not the served bundle either. The reason ``/readyz`` gives names
 files relative to the bundle and no hashes (``/readyz`` is open to anyone); the log line
 adds the bundle's path and the hashes.
 """
@@ -24,6 +26,7 @@ from pydantic import ValidationError
 
 from training.bundle import MANIFEST_FILE, Bundle, Manifest
 from training.data.archives import file_sha256
+from training.signing import SIGNATURE_FILE, SignatureError, verify_manifest
 
 log = logging.getLogger("oodserve")
 
@@ -31,10 +34,12 @@ Signature = tuple[tuple[int, int, int, int] | None, ...]
 
 
 class BundleCheck:
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, public_key: Path | None = None):
         self.path = bundle.path
         self.manifest = bundle.manifest
-        self._files = (self.path / MANIFEST_FILE, self.path / self.manifest.weights.file)
+        self.public_key = public_key
+        self._files = (self.path / MANIFEST_FILE, self.path / self.manifest.weights.file,
+                       *([self.path / SIGNATURE_FILE] if public_key else []))
         self._lock = threading.Lock()
         self._signature: Signature | None = None
         self.problem: str | None = None
@@ -52,12 +57,13 @@ class BundleCheck:
 
     def _verify(self) -> str | None:
         """What is wrong with the files (None: they are the bundle being served)."""
-        manifest_file, weights = self._files
+        manifest_file, weights = self._files[:2]
         self._detail = ""
         if not self.path.is_dir():
             return "bundle directory not found"
         try:
-            on_disk = Manifest.model_validate_json(manifest_file.read_bytes())
+            data = manifest_file.read_bytes()
+            on_disk = Manifest.model_validate_json(data)
         except OSError as exc:
             return f"{manifest_file.name}: cannot be read ({exc.strerror or exc})"
         except ValidationError:
@@ -66,6 +72,14 @@ class BundleCheck:
             return (f"{manifest_file.name} changed since the bundle was loaded (now "
                     f"{on_disk.name} {on_disk.version}, serving {self.manifest.name} "
                     f"{self.manifest.version}); restart to serve the new one")
+        if self.public_key is not None:
+            try:
+                verify_manifest(self.path, data, self.public_key)
+            except SignatureError as exc:
+                return f"signature: {exc}"
+            except ValueError as exc:  # the key file, whose path /readyz does not show
+                self._detail = f"; {exc}"
+                return "the public key (OODSERVE_BUNDLE_PUBLIC_KEY) cannot be used"
         try:
             digest = file_sha256(weights)
         except OSError as exc:

@@ -101,7 +101,7 @@ class Engine:
         # A request's fair share of the pool: half of it (at least one thread).
         self.decodes_per_request = max(1, settings.resolved_decode_workers() // 2)
         self.default_policy = resolve_policy(self.manifest)
-        self.bundle_check = BundleCheck(bundle)
+        self.bundle_check = BundleCheck(bundle, settings.bundle_public_key)
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, for /readyz
 

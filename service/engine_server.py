@@ -280,7 +280,8 @@ def engine_main(address: str, control: Connection, log_config: dict,
     the supervisor's resolved ``settings``."""
     logging.config.dictConfig(log_config)
     try:
-        server = EngineServer(settings, load_bundle(settings.bundle), Path(address))
+        bundle = load_bundle(settings.bundle, settings.bundle_public_key)
+        server = EngineServer(settings, bundle, Path(address))
         server.start()
     except Exception as exc:
         log.exception("the engine cannot start")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -20,13 +21,14 @@ class Preflight(NamedTuple):
     cuda: bool  # whether the workers will run on CUDA
 
 
-def preflight(path: str, device: str) -> Preflight:
-    """Check the bundle at ``path`` and where ``device`` will run. Runs in the child."""
+def preflight(path: str, device: str, public_key: Path | None = None) -> Preflight:
+    """Check the bundle at ``path`` (its signature too, given ``public_key``) and where
+    ``device`` will run. Runs in the child."""
     from training.bundle import BundleError, load_bundle
     from training.runtime import select_device
 
     try:
-        load_bundle(path)
+        load_bundle(path, public_key)
     except BundleError as exc:
         return Preflight(f"cannot serve the bundle {path} (OODSERVE_BUNDLE): {exc}", False)
     try:
@@ -35,11 +37,11 @@ def preflight(path: str, device: str) -> Preflight:
         return Preflight(f"OODSERVE_DEVICE: {exc}", False)
 
 
-def _report(answer: Connection, path: str, device: str) -> None:
-    answer.send(preflight(path, device))
+def _report(answer: Connection, path: str, device: str, public_key: Path | None) -> None:
+    answer.send(preflight(path, device, public_key))
 
 
-def preflight_in_child(path: str, device: str) -> Preflight:
+def preflight_in_child(path: str, device: str, public_key: Path | None = None) -> Preflight:
     """:func:`preflight`, run in a fresh process that takes its memory with it. The child
     does not see a Ctrl-C (:func:`~service.workers.sigint_blocked`); this process does, and
     then stops the child at once instead of waiting for its check."""
@@ -47,7 +49,7 @@ def preflight_in_child(path: str, device: str) -> Preflight:
 
     context = multiprocessing.get_context("spawn")
     receive, answer = context.Pipe(duplex=False)
-    child = context.Process(target=_report, args=(answer, path, device),
+    child = context.Process(target=_report, args=(answer, path, device, public_key),
                             name="oodserve-preflight")
     try:
         with sigint_blocked():  # a SIGINT that came meanwhile is raised on leaving

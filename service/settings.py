@@ -49,6 +49,10 @@ class Settings(BaseSettings):
                                       env_file_encoding="utf-8", extra="ignore")
 
     bundle: Path = Field(DEFAULT_BUNDLE, description="model bundle directory")
+    bundle_public_key: Path | None = Field(
+        None, description="Ed25519 public key (PEM file) the bundle must be signed with "
+                          "(manifest.json.sig, python -m training sign): an unsigned or "
+                          "wrongly signed bundle stops the start; unset: not checked")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU")
     precision: Literal["float32", "tf32", "float16", "bfloat16"] = Field(
@@ -134,6 +138,20 @@ class Settings(BaseSettings):
             # Not echoed: the message would put the key in the start-up log.
             raise ValueError("must be at least 16 printable ASCII characters without spaces")
         return raw
+
+    @field_validator("bundle_public_key", mode="before")
+    @classmethod
+    def _no_key_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # passed through empty: no key
+
+    @field_validator("bundle_public_key")
+    @classmethod
+    def _usable_key(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from training.signing import load_public_key
+
+            load_public_key(value)  # a key that cannot be read stops the start here
+        return value
 
     def resolved_layout(self, cuda: bool) -> Literal["replicated", "engine"]:
         """``layout``, with ``auto`` decided. On a GPU one Python process cannot keep up

@@ -14,9 +14,11 @@ import httpx
 import pytest
 import torch
 from service_helpers import children, free_port, metric, noise_image, png, service_env
+from test_signing import write_keys
 
 from service import settings as settings_module
 from service.settings import DEFAULT_BUNDLE, DEFAULT_BUNDLE_NAME, REPO_ROOT, Settings
+from training.signing import SIGNATURE_FILE, sign_bundle
 
 
 def start_fails(tmp_path: Path, **env) -> str:
@@ -52,6 +54,28 @@ def test_workers_share_out_the_cores(monkeypatch):
 def test_missing_bundle_stops_the_start(tmp_path, workers):
     err = start_fails(tmp_path, OODSERVE_BUNDLE=tmp_path / "nowhere", OODSERVE_WORKERS=workers)
     assert "cannot serve the bundle" in err and "bundle directory not found" in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # checked here / in a child process
+def test_an_unsigned_bundle_stops_the_start_when_a_key_is_set(tiny_bundle, tmp_path, workers):
+    _, public = write_keys(tmp_path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    err = start_fails(tmp_path, OODSERVE_BUNDLE=bundle, OODSERVE_BUNDLE_PUBLIC_KEY=public,
+                      OODSERVE_WORKERS=workers)
+    assert "cannot serve the bundle" in err and f"not signed (no {SIGNATURE_FILE})" in err
+    other, _ = write_keys(tmp_path, "other")
+    sign_bundle(bundle, other)
+    err = start_fails(tmp_path, OODSERVE_BUNDLE=bundle, OODSERVE_BUNDLE_PUBLIC_KEY=public,
+                      OODSERVE_WORKERS=workers)
+    assert "cannot serve the bundle" in err and "another key signed it" in err
+
+
+def test_an_unusable_public_key_is_a_settings_error(tiny_bundle, tmp_path):
+    err = start_fails(tmp_path, OODSERVE_BUNDLE=tiny_bundle,
+                      OODSERVE_BUNDLE_PUBLIC_KEY=tmp_path / "absent.pem")
+    assert "--bundle-public-key / OODSERVE_BUNDLE_PUBLIC_KEY" in err
+    assert "cannot read the public key" in err
 
 
 def test_cuda_without_a_gpu_stops_a_multi_worker_start(tiny_bundle, tmp_path):

@@ -5,6 +5,7 @@ A bundle is one directory::
     manifest.json       versioned description (the :class:`Manifest` schema below)
     model.safetensors   the weights; safetensors, so loading one never runs pickle
     NOTICE              licence notices of the weights' ancestry (optional)
+    manifest.json.sig   Ed25519 signature of manifest.json (optional; training/signing.py)
 
 The manifest holds everything needed to turn an image into calibrated decisions: the
 architecture and its options, class names, preprocessing, the blocks to tap, the selected
@@ -14,9 +15,10 @@ evaluation results, the training config and data provenance, and the sha256 of t
 
 :func:`load_bundle` trusts nothing: it checks the format version, the schema, the weights'
 checksum, that the weights fit the declared architecture, and that the declared blocks exist,
-and raises :class:`BundleError` with a message that says which of these failed. Both the
-service and ``python -m training evaluate --bundle`` load bundles through it, which is what
-makes their scores identical.
+and raises :class:`BundleError` with a message that says which of these failed; given a public
+key, it first checks the manifest's signature, which covers the weights through their sha256.
+Both the service and ``python -m training evaluate --bundle`` load bundles through it, which
+is what makes their scores identical.
 """
 
 from __future__ import annotations
@@ -114,12 +116,20 @@ class Bundle:
     model: TappedClassifier
 
 
-def _read_manifest(path: Path) -> Manifest:
+def _read_manifest(path: Path, public_key: Path | None = None) -> Manifest:
     file = path / MANIFEST_FILE
     if not file.is_file():
         raise BundleError(f"{path}: no {MANIFEST_FILE}; is this a bundle directory?")
+    data = file.read_bytes()  # the bytes checked are the bytes parsed
+    if public_key is not None:
+        from training.signing import verify_manifest
+
+        try:
+            verify_manifest(path, data, public_key)
+        except ValueError as exc:  # no or a bad signature, or a key that cannot be used
+            raise BundleError(f"{path}: {exc}") from None
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
@@ -136,12 +146,14 @@ def _read_manifest(path: Path) -> Manifest:
         raise BundleError(f"{file}: invalid manifest:\n" + "\n".join(lines)) from None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and check the bundle in directory ``path``; raise :class:`BundleError` if bad."""
+def load_bundle(path: str | Path, public_key: Path | None = None) -> Bundle:
+    """Load and check the bundle in directory ``path``; raise :class:`BundleError` if bad.
+    With ``public_key`` (an Ed25519 public key's PEM file), an unsigned bundle, or one whose
+    signature does not verify with that key, is bad too."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"bundle directory not found: {path}")
-    manifest = _read_manifest(path)
+    manifest = _read_manifest(path, public_key)
     weights = path / manifest.weights.file
     if weights.parent.resolve() != path.resolve():
         raise BundleError(f"weights.file {manifest.weights.file!r} must name a file inside "

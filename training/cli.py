@@ -17,6 +17,10 @@ Commands:
   with ``--out`` also ``report.json`` and SVG plots. With ``--bundle`` also the served
   operating point: the share of ID images accepted and of each OOD set rejected at the
   bundle's calibrated thresholds, per detector and per decision rule.
+* ``sign BUNDLE --key PRIVATE.pem``: check the bundle, then write ``manifest.json.sig``, an
+  Ed25519 signature of its manifest (:mod:`training.signing`), which the service requires
+  when ``OODSERVE_BUNDLE_PUBLIC_KEY`` is set. An encrypted key's passphrase is asked for on
+  the terminal.
 
 Expected problems (bad config, missing data, unreadable image, wrong checkpoint) end with
 ``error: <message>`` and exit status 2, without a traceback.
@@ -173,6 +177,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sign(args: argparse.Namespace) -> int:
+    import getpass
+
+    from training.signing import PassphraseNeeded, sign_bundle
+
+    try:
+        out = sign_bundle(Path(args.bundle), Path(args.key))
+    except PassphraseNeeded:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"{args.key}: the private key is encrypted; sign on a terminal "
+                              "to enter its passphrase") from None
+        passphrase = getpass.getpass(f"passphrase for {args.key}: ").encode()
+        out = sign_bundle(Path(args.bundle), Path(args.key), passphrase)
+    print(f"signed: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", help="directory for report.json, report.md and plots/")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sign", help="sign a bundle's manifest (Ed25519) for a service that "
+                       "requires signed bundles")
+    p.add_argument("bundle", help="the bundle directory")
+    p.add_argument("--key", required=True,
+                   help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519)")
+    p.set_defaults(func=cmd_sign)
     return parser
 
 
