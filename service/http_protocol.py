@@ -14,7 +14,15 @@ config, set by ``python -m service``):
 - answers a request the parser cannot read with 400 ``bad_request`` in the service's JSON
   error shape instead of uvicorn's plain text.
 
-Each of these closes the connection. The limits are class attributes, set by
+Each of these closes the connection. So does the ``OODSERVE_MAX_REQUESTS_PER_CONNECTION``-th
+request on one keep-alive connection: its response says ``Connection: close`` and the
+connection ends once it is sent. A keep-alive client otherwise stays with the worker that
+accepted its connection for good; when a worker is replaced, its clients reconnect to the
+surviving ones and would all stay there while the new worker idles. Reconnecting now and
+then lets the kernel's ``SO_REUSEPORT`` spread them over all the workers again
+(:mod:`service.workers`).
+
+The limits are class attributes, set by
 :func:`configure` from the settings when the app is created (in each worker, before it
 accepts a connection). The body's own timeout is the app's (:mod:`service.middleware`).
 """
@@ -39,15 +47,18 @@ def configure(settings) -> None:
     HttpProtocol.max_header_bytes = settings.max_header_bytes
     HttpProtocol.max_headers = settings.max_headers
     HttpProtocol.read_timeout_s = settings.read_timeout_s
+    HttpProtocol.max_requests_per_connection = settings.max_requests_per_connection
 
 
 class HttpProtocol(HttpToolsProtocol):
     max_header_bytes = 64 * 1024
     max_headers = 100
     read_timeout_s = 30.0
+    max_requests_per_connection = 1000  # 0: no limit
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._requests = 0  # on this connection
         self._in_head = True  # waiting for (the rest of) a request's head
         self._head_bytes = 0
         self._header_count = 0
@@ -132,7 +143,12 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request to answer (not an upgrade)
+            self._requests += 1
+            if 0 < self.max_requests_per_connection <= self._requests:
+                self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         30.0, gt=0.0, le=3600.0, description="longest wait for a request's headers to "
                                              "complete, and for each next part of its body; "
                                              "beyond: 408 and the connection is closed")
+    max_requests_per_connection: int = Field(
+        1000, ge=0, description="requests on one keep-alive connection; the last is answered "
+                                "with Connection: close, so that clients reconnect and spread "
+                                "over the workers again (after a worker is replaced, say); "
+                                "0: no limit")
     max_drain_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="body bytes read and dropped after an early "
                                             "refusal (401, 413, ...) so that clients that "

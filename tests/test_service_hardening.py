@@ -187,17 +187,20 @@ def test_large_jpegs_are_decoded_reduced_and_small_ones_exactly(tiny_bundle):
 # -- the real server: head limits, read timeouts, early answers, response headers -------
 
 KEY = "0123456789abcdef0123"
+REQUESTS_PER_CONNECTION = 3
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    """``python -m service`` (one worker) with an API key and a 2 s read timeout."""
+    """``python -m service`` (one worker) with an API key, a 2 s read timeout and
+    :data:`REQUESTS_PER_CONNECTION`."""
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
     env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_WORKERS="1",
                OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=str(tiny_bundle),
-               OODSERVE_PORT=str(port), OODSERVE_API_KEY=KEY, OODSERVE_READ_TIMEOUT_S="2")
+               OODSERVE_PORT=str(port), OODSERVE_API_KEY=KEY, OODSERVE_READ_TIMEOUT_S="2",
+               OODSERVE_MAX_REQUESTS_PER_CONNECTION=str(REQUESTS_PER_CONNECTION))
     log = tmp / "service.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp, env=env,
@@ -299,6 +302,38 @@ def test_early_refusal_to_an_expect_100_client_is_at_once(server):
     took, answer = raw(server, headers)
     json_error(answer, 401, "unauthorized")
     assert took < 1.5  # neither waiting for the body nor for the read timeout
+
+
+def test_a_connection_closes_after_its_last_allowed_request(server):
+    """Keep-alive up to the cap, then ``Connection: close`` and the server's end closes, so
+    that the client reconnects (and may land on another worker)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    sockets = []
+    for n in range(1, REQUESTS_PER_CONNECTION + 1):
+        connection.request("GET", "/healthz")
+        sockets.append(connection.sock)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        last = n == REQUESTS_PER_CONNECTION
+        assert response.will_close == last, n
+        assert response.getheader("connection") == ("close" if last else None), n
+    assert all(s is sockets[0] for s in sockets)  # one connection until then
+    connection.request("GET", "/healthz")  # http.client opens a new one
+    assert connection.sock is not sockets[0]
+    assert connection.getresponse().status == 200
+    connection.close()
+
+    # The server, not only the client, ends the connection after the last response.
+    with socket.create_connection(("127.0.0.1", server)) as sock:
+        sock.settimeout(10)
+        for _ in range(REQUESTS_PER_CONNECTION):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            response.read()
+            assert response.status == 200
+        assert sock.recv(1) == b""  # end of stream, not a timeout
 
 
 def test_response_headers_say_nosniff_and_not_the_server(server):
