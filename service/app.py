@@ -29,7 +29,7 @@ from service.middleware import (
     EarlyAnswerMiddleware,
     RequestMetricsMiddleware,
 )
-from service.routers import health, metrics, predict
+from service.routers import health, metrics, predict, v2
 from service.security import BEARER
 from service.settings import Settings
 from training.bundle import Bundle, BundleError, load_bundle
@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
     # check itself is PredictRoute's, before the body is read).
     app.include_router(predict.router,
                        dependencies=[Security(BEARER)] if settings.api_key else None)
-    for router in (health.router, metrics.router):
+    # The Open Inference Protocol's routes check the key themselves (infer only).
+    for router in (health.router, metrics.router, v2.router):
         app.include_router(router)
     install_docs(app)
     return app

@@ -3,6 +3,12 @@
 FastAPI and Starlette raise their own exceptions (validation errors, the body size limit,
 the multipart parser's limits, unknown routes); the handlers here translate them into that
 shape and the right status, so a client never has to parse two formats.
+
+The Open Inference Protocol routes (``/v2``, :mod:`service.routers.v2`) answer in that
+protocol's shape instead, ``{"error": "<message>"}``, which its clients (tritonclient, KServe's)
+read: every handler here picks the shape by the request's path, so an error raised by shared
+code (the body limit, the API key, overload, an image the decoder refuses) comes out right
+on either API.
 """
 
 from __future__ import annotations
@@ -53,6 +59,22 @@ def error_response(status: int, code: str, message: str,
                         headers=headers)
 
 
+def is_oip(request: Request) -> bool:
+    """Whether the request is one of the Open Inference Protocol's (its paths start /v2)."""
+    path = request.scope.get("path", "")
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _respond(request: Request, status: int, code: str, message: str,
+             headers: dict[str, str] | None = None,
+             error_id: str | None = None) -> JSONResponse:
+    """The error in the shape of the API the request is for (the id of a 500 is in its
+    message either way)."""
+    if is_oip(request):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, code, message, headers, error_id)
+
+
 # For the OpenAPI schema of the predict routes.
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
@@ -72,29 +94,29 @@ def _code(status: int) -> str:
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.headers,
-                          getattr(exc, "error_id", None))
+    return _respond(request, exc.status, exc.code, exc.message, exc.headers,
+                    getattr(exc, "error_id", None))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-    return error_response(422, "invalid_request", "; ".join(problems))
+    return _respond(request, 422, "invalid_request", "; ".join(problems))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if isinstance(exc, BodyTooLarge):
-        return error_response(413, "body_too_large", exc.detail)
+        return _respond(request, 413, "body_too_large", exc.detail)
     if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):
         # Starlette's multipart parser stopped at FastAPI's form_limits["max_files"].
         limit = request.app.state.settings.max_batch_images
-        return error_response(413, "too_many_images", f"at most {limit} images per request "
-                              "(OODSERVE_MAX_BATCH_IMAGES)")
+        return _respond(request, 413, "too_many_images", f"at most {limit} images per "
+                        "request (OODSERVE_MAX_BATCH_IMAGES)")
     if exc.status_code == 400 and str(exc.detail).startswith("Too many fields"):
         # ... and at form_limits["max_fields"]: no predict route takes any text field.
-        return error_response(400, "too_many_fields", f"{exc.detail} The predict routes "
-                              "take file fields only (image, or images)")
-    return error_response(exc.status_code, _code(exc.status_code), str(exc.detail),
-                          getattr(exc, "headers", None))
+        return _respond(request, 400, "too_many_fields", f"{exc.detail} The predict "
+                        "routes take file fields only (image, or images)")
+    return _respond(request, exc.status_code, _code(exc.status_code), str(exc.detail),
+                    getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -102,8 +124,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The route template, not the raw path: nothing a client sent goes into the log.
     route = getattr(request.scope.get("route"), "path", "unmatched")
     log.error("unhandled error on %s (error id %s)", route, error_id, exc_info=exc)
-    return error_response(500, "internal_error", f"internal server error; error id "
-                          f"{error_id} (it is in the service's log)", error_id=error_id)
+    return _respond(request, 500, "internal_error", f"internal server error; error id "
+                    f"{error_id} (it is in the service's log)", error_id=error_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:

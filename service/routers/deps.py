@@ -22,3 +22,27 @@ async def get_engine(request: Request) -> Engine:
 
 # A route parameter ``engine: EngineDep`` gets the loaded engine (or the request gets 503).
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def readiness(request: Request) -> str | None:
+    """Why the server is not ready to answer predictions (None: it is), for ``/readyz`` and
+    the protocol's ``/v2/health/ready``."""
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    return "loading the bundle" if engine is None else await engine.not_ready_reason()
+
+
+async def engine_for(request: Request, name: str, version: str | None = None) -> Engine:
+    """The engine serving model ``name`` (at ``version``, when given), 404 for a model or
+    version this server does not serve, 503 while none is loaded. The one place where a
+    model name is resolved, so that serving several bundles changes only this function.
+    Called by the routes themselves rather than declared as a dependency: as a dependency,
+    a route without ``{version}`` in its path would take ``version`` from the query."""
+    engine = await get_engine(request)
+    served = engine.model_ref
+    if name != served.name:
+        raise ServiceError(404, "model_not_found", f"unknown model {name[:200]!r}; this "
+                           f"server serves {served.name!r}")
+    if version is not None and version != served.version:
+        raise ServiceError(404, "version_not_found", f"model {served.name!r} has no version "
+                           f"{version[:200]!r}; it is served at version {served.version!r}")
+    return engine

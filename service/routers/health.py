@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.engine import Engine
-from service.routers.deps import EngineDep
+from service.routers.deps import EngineDep, readiness
 from service.schemas import CalibrationSummary, Health, ModelSummary, Readiness
 
 router = APIRouter(tags=["health"])
@@ -23,8 +22,7 @@ async def healthz() -> Health:
             summary="The bundle is loaded, the model warmed up, and the bundle on disk is "
                     "still the one being served")
 async def readyz(request: Request) -> JSONResponse:
-    engine: Engine | None = getattr(request.app.state, "engine", None)
-    reason = "loading the bundle" if engine is None else await engine.not_ready_reason()
+    reason = await readiness(request)
     state = Readiness(ready=reason is None, reason=reason)
     return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
