@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 
 import torch
 
+from service.admission import Throughput
 from service.errors import InternalError, new_error_id
 from service.metrics import Metrics
 
@@ -34,7 +35,8 @@ R = TypeVar("R")
 
 
 class QueueFull(Exception):
-    """More images are waiting than the queue may hold."""
+    """More images are waiting than the queue may hold (requests are admitted by
+    :mod:`service.admission` first; this is the backstop)."""
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Batcher(Generic[R]):
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self._metrics = metrics
+        self.throughput = Throughput()  # of the completed batches
+        self.running = 0  # images in the forward pass now
         self._pending: deque[_Job[R]] = deque()
         self._preparing = 0  # images announced but not yet submitted
         self._has_work = asyncio.Event()
@@ -125,9 +129,11 @@ class Batcher(Generic[R]):
             for job in batch:
                 self._metrics.queue_wait.observe(started - job.enqueued)
             self._metrics.batch_size.observe(len(batch))
+            self.running = len(batch)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [job.image for job in batch])
+                self.throughput.record(len(batch), time.perf_counter() - started)
             except Exception as exc:
                 # Logged once, with its traceback, under the id that each of the batch's
                 # requests gets in its 500; the next batch runs as usual.
@@ -140,6 +146,7 @@ class Batcher(Generic[R]):
                             "the forward pass of this image's batch failed", error_id))
                 continue
             finally:
+                self.running = 0
                 self._metrics.inference_duration.observe(time.perf_counter() - started)
             for job, result in zip(batch, results):
                 if not job.future.done():

@@ -4,7 +4,9 @@ bytes -> decoding thread -> scorer -> scores -> decisions -> response.
 The scorer is where images become scores, by layout (``OODSERVE_LAYOUT``): a
 :class:`LocalScorer` runs the model in this process (its own batcher and inference thread);
 an :class:`~service.engine_client.EngineClient` hands images to the engine process that all
-the workers share. Both answer :meth:`submit` with the same :class:`ImageScores`.
+the workers share. Both answer :meth:`submit` with the same :class:`ImageScores`, and both
+measure their throughput, by which requests are admitted before their images are decoded
+(:mod:`service.admission`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from service.admission import Admission, Reservation
 from service.batcher import Batcher, QueueFull
 from service.bundle_check import BundleCheck
 from service.decoding import Decoder, ImageRejected, PixelBudget
@@ -53,6 +58,11 @@ class LocalScorer:
             max_queue_size=settings.max_queue_size, metrics=metrics)
         self.preparing = self.batcher.preparing
         self.submit = self.batcher.submit
+        self.throughput = self.batcher.throughput
+
+    def in_forward_pass(self) -> int:
+        """Images being scored now: they no longer wait in the queue."""
+        return self.batcher.running
 
     async def start(self) -> None:
         self.batcher.start()
@@ -69,13 +79,28 @@ class LocalScorer:
 
 
 class RequestDecoding:
-    """One request's share of the decoding: its pixel budget, and a limit on how many of
-    its images are in the decode pool at once, so that a request of many images cannot
-    monopolise the pool (the images of other requests queue behind at most that many)."""
+    """One admitted request's share of the decoding: its places in the queue (given back as
+    each image is done, the rest when the request ends: :meth:`close`), its
+    pixel budget, and a limit on how many of its images are in the decode pool at once, so
+    that a request of many images cannot monopolise the pool (the images of other requests
+    queue behind at most that many)."""
 
-    def __init__(self, max_pixels: int, concurrency: int):
+    def __init__(self, reservation: Reservation, max_pixels: int, concurrency: int):
+        self.reservation = reservation
         self.budget = PixelBudget(max_pixels)
         self.slots = asyncio.Semaphore(concurrency)
+
+    @contextmanager
+    def image(self) -> Iterator[None]:
+        """One of the request's images, from decoding until it is scored or fails."""
+        try:
+            yield
+        finally:
+            self.reservation.release()
+
+    def close(self) -> None:
+        """The request is over: the places of its images that never ran are free again."""
+        self.reservation.close()
 
 
 class Engine:
@@ -95,6 +120,8 @@ class Engine:
             size = self.manifest.preprocessing.input_size
             self.scorer = EngineClient(engine_address, settings.max_queue_size, (3, size, size),
                                        len(self.manifest.classes))
+        self.admission = Admission(self.scorer, settings.max_queue_size,
+                                   settings.max_queue_wait_ms / 1000.0)
         self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
                                                thread_name_prefix="oodserve-decode")
@@ -146,9 +173,12 @@ class Engine:
         self._decode_pool.shutdown(wait=True)
         self.metrics.mark_process_dead()
 
-    def request_decoding(self) -> RequestDecoding:
-        """A new request's decoding share (pass it to :meth:`predict` for each image)."""
-        return RequestDecoding(self.settings.max_request_pixels, self.decodes_per_request)
+    def request_decoding(self, images: int = 1) -> RequestDecoding:
+        """Admit a new request of ``images`` images, before any is decoded, or refuse it as a
+        whole (:class:`~service.admission.Overloaded`, a 503); its decoding share, to pass to
+        :meth:`predict` for each image and to close when the request ends."""
+        return RequestDecoding(self.admission.admit(images), self.settings.max_request_pixels,
+                               self.decodes_per_request)
 
     async def predict(self, data: bytes, policy: Policy, top_k: int,
                       decoding: RequestDecoding | None = None) -> Prediction:
@@ -156,19 +186,20 @@ class Engine:
         (:class:`~service.decoding.RequestTooLarge`: the request's pixel budget is spent)."""
         loop = asyncio.get_running_loop()
         decoding = decoding or self.request_decoding()
-        try:
-            async with decoding.slots:
-                with self.scorer.preparing():
-                    image = await loop.run_in_executor(self._decode_pool, self.decoder, data,
-                                                       decoding.budget)
-        except ImageRejected as exc:
-            self.metrics.image_errors.labels(exc.code).inc()
-            raise
-        try:
-            scores = await self.scorer.submit(image)
-        except QueueFull:
-            raise ServiceError(503, "overloaded", "too many images are waiting; retry "
-                               "shortly", headers={"Retry-After": "1"}) from None
+        with decoding.image():
+            try:
+                async with decoding.slots:
+                    with self.scorer.preparing():
+                        image = await loop.run_in_executor(self._decode_pool, self.decoder,
+                                                           data, decoding.budget)
+            except ImageRejected as exc:
+                self.metrics.image_errors.labels(exc.code).inc()
+                raise
+            try:
+                scores = await self.scorer.submit(image)
+            except QueueFull:
+                raise ServiceError(503, "overloaded", "too many images are waiting; retry "
+                                   "shortly", headers={"Retry-After": "1"}) from None
         decided = policy.decide(scores.energy, scores.featurenorm)
         self._observe(scores, decided if policy is self.default_policy else
                       self.default_policy.decide(scores.energy, scores.featurenorm))

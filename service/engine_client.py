@@ -6,7 +6,10 @@ requests of one loop iteration leave in one ``send``, and the engine's answers a
 the socket is readable. A worker has ``slots`` images in flight at most
 (``OODSERVE_MAX_QUEUE_SIZE``, for each worker); beyond that requests get 503, as with the
 replicated layout's queue. A slot is reused only once the engine has answered for it, also when the
-request that filled it has gone (the engine may be reading the image).
+request that filled it has gone (the engine may be reading the image). The engine answers a
+batch's images together, so each answer is one sample of the throughput this worker gets
+(:class:`~service.admission.Throughput`: its images over the time since the previous answer
+or since the earliest of them was sent), which bounds its requests' expected wait.
 
 If the engine goes away (it died and the supervisor is starting a new one), the requests
 waiting for it get 503, ``/readyz`` says why, and the client connects again as soon as the
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 from service import slots as proto
+from service.admission import Throughput
 from service.batcher import QueueFull
 from service.errors import InternalError, ServiceError
 from service.inference import ImageScores
@@ -48,6 +53,9 @@ class EngineClient:
     def __init__(self, address: Path, slots: int, input_shape: tuple[int, ...],
                  num_classes: int):
         self.address = address
+        self.throughput = Throughput()
+        self._sent = [0.0] * slots  # when each slot's image was handed over
+        self._last_answer = 0.0
         self._input_shape, self._num_classes = input_shape, num_classes
         self.arrays, self._fd = SlotArrays.create(slots, input_shape, num_classes)
         self._free = list(range(slots))  # a stack: the same few slots (and pages) stay hot
@@ -95,6 +103,11 @@ class EngineClient:
     def not_ready_reason(self) -> str | None:
         return None if self._sock is not None else "the inference engine is restarting"
 
+    def in_forward_pass(self) -> int:
+        """None of the images in flight count as out of the queue: the engine's batches are
+        not seen from here, and a slot is taken until the engine answers for it."""
+        return 0
+
     async def submit(self, image: torch.Tensor) -> ImageScores:
         if self._sock is None:
             raise EngineUnavailable
@@ -102,6 +115,7 @@ class EngineClient:
             raise QueueFull
         slot = self._free.pop()
         self.arrays.inputs[slot].copy_(image)
+        self._sent[slot] = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
         self._futures[slot] = future
         if not self._outgoing:
@@ -168,11 +182,14 @@ class EngineClient:
         if not data:
             self._lost()
             return
+        answered, earliest = 0, math.inf
         for slot, status in self._reader.feed(data):
             future = self._futures.pop(slot, None)
             if future is None:  # not one of ours: freeing it would hand it out twice
                 log.error("the engine answered for slot %d, which is not in flight", slot)
                 continue
+            answered += 1
+            earliest = min(earliest, self._sent[slot])
             if not future.done():  # else its request has gone
                 if status == proto.OK:
                     future.set_result(ImageScores.from_rows(
@@ -182,6 +199,10 @@ class EngineClient:
                     future.set_exception(InternalError(
                         "the forward pass of this image's batch failed", error_id))
             self._free.append(slot)
+        if answered:
+            now = time.perf_counter()
+            self.throughput.record(answered, now - max(earliest, self._last_answer))
+            self._last_answer = now
 
     def _lost(self) -> None:
         """The connection is gone: fail what waits for it and connect again in the

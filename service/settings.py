@@ -93,7 +93,12 @@ class Settings(BaseSettings):
         description="longest time the oldest queued image waits for images still being "
                     "decoded to join its batch")
     max_queue_size: int = Field(
-        1024, ge=1, description="queued images beyond which requests get 503")
+        1024, ge=1, description="queued images beyond which requests get 503 (a request "
+                                "is admitted or refused as a whole, before decoding)")
+    max_queue_wait_ms: float = Field(
+        1000.0, gt=0.0, le=600_000.0,
+        description="longest expected wait in the queue (queued images over the measured "
+                    "images per second) beyond which requests get 503, before decoding")
     max_upload_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="request body limit, checked while streaming")
     max_image_pixels: int = Field(

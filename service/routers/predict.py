@@ -166,7 +166,9 @@ async def predict_batch(
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
     policy, top_k = _policy(engine, params), _top_k(engine, params)
-    decoding = engine.request_decoding()  # one pixel budget and pool share for them all
+    # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
+    # and pool share for them all.
+    decoding = engine.request_decoding(len(images))
 
     async def one(index: int, upload: UploadFile) -> BatchItem:
         try:
@@ -190,5 +192,7 @@ async def predict_batch(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    finally:
+        decoding.close()
     return _json(BatchResponse(model=engine.model_ref, results=list(results),
                                server_time_ms=_elapsed_ms(request)))

@@ -1,0 +1,130 @@
+"""Admission control: a request is admitted or shed as a whole, before any of its images is
+decoded.
+
+Refusing an image only when it reaches a full queue wastes the work already done on it (the
+body parsed, the image decoded) and, for a batch request, on its other images, which may be
+scored for a request that is answered 503 anyway. So each request reserves a place for all
+its images up front (:meth:`Admission.admit`); a request that does not fit is answered 503
+``overloaded`` with ``Retry-After`` before anything is decoded, and an admitted one keeps its
+places until each image is done, so that what is admitted is what gets scored.
+
+Two bounds, both per process and per served model:
+
+- by count: images waiting for the model (admitted, less those in the forward pass now) at
+  most ``OODSERVE_MAX_QUEUE_SIZE``;
+- by time: the expected wait of the request's last image, i.e. the images ahead of it and its
+  own divided by the measured throughput, at most ``OODSERVE_MAX_QUEUE_WAIT_MS``. A count
+  alone is the wrong unit: how long 1,024 queued images take depends on the device, the batch
+  size and how many workers share the cores, and a client waiting many seconds for an answer
+  it has given up on is worse off than one told to retry. The throughput is an exponentially
+  weighted average of images per second over the scorer's completed batches
+  (:class:`Throughput`). While less than one full batch is outstanding the time bound does
+  not apply: those images go in one forward pass whatever the estimate says, and at low load
+  the measured rate (small batches) understates what the model does under load.
+
+A reservation (:class:`Reservation`) is given back image by image as each is scored or fails,
+and the rest when the request ends (:meth:`Reservation.close`, or when it is garbage, so that a
+caller that forgets cannot leak places).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Protocol
+
+from service.errors import ServiceError
+
+
+class Throughput:
+    """Images per second the scorer completes, exponentially weighted over its batches (each
+    batch a sample: its images over the time it took)."""
+
+    WEIGHT = 0.2  # of the newest batch: a few batches follow a change of load or device
+
+    def __init__(self) -> None:
+        self.rate: float | None = None  # None until a batch has completed
+
+    def record(self, images: int, seconds: float) -> None:
+        if images <= 0 or seconds <= 0:
+            return
+        sample = images / seconds
+        self.rate = sample if self.rate is None else self.rate + self.WEIGHT * (
+            sample - self.rate)
+
+
+class Overloaded(ServiceError):
+    def __init__(self, retry_after_s: int, why: str):
+        super().__init__(503, "overloaded", f"{why}; retry shortly",
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+class Scorer(Protocol):
+    """What admission needs of a scorer (:mod:`service.engine`'s, either layout)."""
+
+    throughput: Throughput
+    max_batch_size: int  # images one forward pass takes
+
+    def in_forward_pass(self) -> int:
+        """Images being scored now, which no longer wait."""
+
+
+class Admission:
+    """The places of one scorer's queue: what is admitted and not yet done."""
+
+    def __init__(self, scorer: Scorer, max_queued: int, max_wait_s: float):
+        self.scorer = scorer
+        self.max_queued = max_queued
+        self.max_wait_s = max_wait_s
+        self.outstanding = 0  # admitted images not yet done
+
+    def expected_wait_s(self, images: int) -> float | None:
+        """How long the last of ``images`` more would wait (None: nothing measured yet)."""
+        rate = self.scorer.throughput.rate
+        return None if not rate else (self.outstanding + images) / rate
+
+    def admit(self, images: int) -> Reservation:
+        """Places for ``images`` images, or :class:`Overloaded` if they do not fit."""
+        waiting = self.outstanding - self.scorer.in_forward_pass()
+        if waiting + images > self.max_queued:
+            raise Overloaded(self._retry_after(), f"{images} more images do not fit the "
+                             f"queue ({waiting} waiting, OODSERVE_MAX_QUEUE_SIZE "
+                             f"{self.max_queued})")
+        wait = self.expected_wait_s(images)
+        if (wait is not None and wait > self.max_wait_s
+                and self.outstanding + images > self.scorer.max_batch_size):
+            raise Overloaded(self._retry_after(), f"the expected wait ({wait:.1f} s) is over "
+                             f"OODSERVE_MAX_QUEUE_WAIT_MS ({self.max_wait_s * 1000:g} ms)")
+        self.outstanding += images
+        return Reservation(self, images)
+
+    def _retry_after(self) -> int:
+        """Whole seconds until what is outstanding now should be done (at least 1)."""
+        wait = self.expected_wait_s(0)
+        return max(1, math.ceil(wait)) if wait else 1
+
+    def _release(self, held: list[int], images: int) -> None:
+        images = min(images, held[0])
+        held[0] -= images
+        self.outstanding -= images
+
+
+class Reservation:
+    """One request's places; each is given back once (:meth:`release`, :meth:`close`)."""
+
+    def __init__(self, admission: Admission, images: int):
+        self._held = [images]  # shared with the finalizer, which must not hold self
+        self._release = admission._release
+        self._finalizer = weakref.finalize(self, admission._release, self._held, images)
+
+    @property
+    def held(self) -> int:
+        return self._held[0]
+
+    def release(self, images: int = 1) -> None:
+        """An image is done (scored, refused or dropped)."""
+        self._release(self._held, images)
+
+    def close(self) -> None:
+        """The request is over: give back the places of images that never ran."""
+        self._finalizer()
