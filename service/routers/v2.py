@@ -369,7 +369,9 @@ async def _predict_all(engine: Engine, images: list[bytes],
     fails the request (the others are dropped, as on /predict/batch)."""
     policy = _policy(engine, params)
     all_classes = len(engine.manifest.classes)
-    decoding = engine.request_decoding()  # one pixel budget and pool share for them all
+    # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
+    # and pool share for them all.
+    decoding = engine.request_decoding(len(images))
 
     async def one(index: int, data: bytes) -> Prediction:
         try:
@@ -388,6 +390,8 @@ async def _predict_all(engine: Engine, images: list[bytes],
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    finally:
+        decoding.close()
 
 
 def _tensor(name: str, predictions: list[Prediction],
