@@ -37,8 +37,9 @@ from service.schemas import (
     Prediction,
 )
 from service.settings import Settings
-from service.thresholds import Policy, Threshold, resolve_policy
+from service.thresholds import Decisions, Policy, Threshold, resolve_policy
 from training.bundle import Bundle
+from training.detectors import SERVED, Detector
 
 log = logging.getLogger("oodserve")
 
@@ -200,37 +201,38 @@ class Engine:
             except QueueFull:
                 raise ServiceError(503, "overloaded", "too many images are waiting; retry "
                                    "shortly", headers={"Retry-After": "1"}) from None
-        decided = policy.decide(scores.energy, scores.featurenorm)
+        decided = policy.decide(scores.scores)
         self._observe(scores, decided if policy is self.default_policy else
-                      self.default_policy.decide(scores.energy, scores.featurenorm))
+                      self.default_policy.decide(scores.scores))
         return self._prediction(scores, policy, decided, top_k)
 
-    def _observe(self, scores: ImageScores, default_decisions: tuple[bool, bool, bool]) -> None:
+    def _observe(self, scores: ImageScores, default: Decisions) -> None:
         m = self.metrics
         m.predictions.inc()
-        m.scores["energy"].observe(scores.energy)
-        m.scores["featurenorm"].observe(scores.featurenorm)
-        for detector, ood in zip(("energy", "featurenorm", "combined"), default_decisions):
+        for detector, score in scores.scores.items():
+            m.scores[detector].observe(score)
+        for detector, ood in (*default.ood.items(), ("combined", default.combined)):
             if ood:
                 m.ood_decisions.labels(detector).inc()
 
-    def _prediction(self, scores: ImageScores, policy: Policy,
-                    decided: tuple[bool, bool, bool], top_k: int) -> Prediction:
+    def _prediction(self, scores: ImageScores, policy: Policy, decided: Decisions,
+                    top_k: int) -> Prediction:
         classes, probs = self.manifest.classes, scores.probabilities
-        energy_ood, featurenorm_ood, combined = decided
         return Prediction(
             class_index=scores.pred, label=classes[scores.pred],
             probability=probs[scores.pred],
             top_k=[ClassProbability(index=i, label=classes[i], probability=probs[i])
                    for i in scores.ranking[:top_k]],
-            energy=DetectorResult(score=scores.energy, is_ood=energy_ood,
-                                  **_threshold_fields(policy.energy)),
-            featurenorm=FeatureNormResult(score=scores.featurenorm, is_ood=featurenorm_ood,
-                                          block=self.block,
-                                          **_threshold_fields(policy.featurenorm)),
-            is_ood=combined, decision=policy.decision)
+            **{d.name: self._detector_result(d, scores, policy.thresholds[d.name], decided)
+               for d in SERVED},
+            is_ood=decided.combined, decision=policy.decision)
 
-
-def _threshold_fields(threshold: Threshold) -> dict:
-    return {"threshold": threshold.value, "threshold_source": threshold.source,
-            "tpr": threshold.tpr, "higher_is_id": threshold.higher_is_id}
+    def _detector_result(self, detector: Detector, scores: ImageScores, threshold: Threshold,
+                         decided: Decisions) -> DetectorResult:
+        """A served detector's part of the response; one on a block names the block."""
+        fields = {"score": scores.scores[detector.name], "is_ood": decided.ood[detector.name],
+                  "threshold": threshold.value, "threshold_source": threshold.source,
+                  "tpr": threshold.tpr, "higher_is_id": threshold.higher_is_id}
+        if detector.block is None:
+            return DetectorResult(**fields)
+        return FeatureNormResult(**fields, block=self.block)

@@ -3,8 +3,9 @@
 Scores come from :func:`training.evaluation.score_batch` with the bundle's selected block as
 the only tap, so one forward pass yields the logits and that block's features, and the
 numbers are the ones training's evaluation computes for the same image. Everything an image's
-response needs (probabilities, class ranking, energy, FeatureNorm, prediction) is packed into
-two rows per image on the device, so that a batch comes back to the host in two copies.
+response needs (probabilities, class ranking, the served detectors' scores, prediction) is
+packed into two rows per image on the device, so that a batch comes back to the host in two
+copies.
 
 On CUDA the forward pass and the scores are captured as CUDA graphs during warm-up, one per
 batch size the batcher pads to (powers of two up to the largest batch): a pass of these
@@ -28,6 +29,7 @@ import torch
 from service import allocator
 from service.settings import Settings
 from training.bundle import Bundle
+from training.detectors import SERVED, SERVED_NAMES
 from training.evaluation import score_batch
 from training.runtime import select_device
 
@@ -50,20 +52,20 @@ class ImageScores:
     pred: int
     probabilities: list[float]  # softmax over the classes
     ranking: list[int]  # class indices by decreasing probability (ties: lower index first)
-    energy: float
-    featurenorm: float
+    scores: dict[str, float]  # by served detector
 
     @classmethod
     def from_rows(cls, floats: list[float], ints: list[int]) -> ImageScores:
         """From one image's packed rows (see :func:`row_widths`)."""
-        return cls(pred=ints[0], probabilities=floats[:-2], ranking=ints[1:],
-                   energy=floats[-2], featurenorm=floats[-1])
+        n = len(floats) - len(SERVED_NAMES)
+        return cls(pred=ints[0], probabilities=floats[:n], ranking=ints[1:],
+                   scores=dict(zip(SERVED_NAMES, floats[n:])))
 
 
 def row_widths(num_classes: int) -> tuple[int, int]:
-    """Widths of an image's two packed rows: float32 ``[probabilities..., energy,
-    featurenorm]`` and int32 ``[pred, ranking...]``."""
-    return num_classes + 2, num_classes + 1
+    """Widths of an image's two packed rows: float32 ``[probabilities..., one score per
+    served detector]`` and int32 ``[pred, ranking...]``."""
+    return num_classes + len(SERVED_NAMES), num_classes + 1
 
 
 def memory_format_for(device: torch.device, precision: str) -> torch.memory_format:
@@ -179,11 +181,11 @@ class Predictor:
     def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed rows of a device batch, computed on the device."""
         out = score_batch(self.model, batch, [self.block])
-        probabilities = torch.softmax(out["logits"], dim=1)
+        probabilities = torch.softmax(out.logits, dim=1)
         ranking = torch.argsort(probabilities, dim=1, descending=True, stable=True)
-        floats = torch.cat([probabilities, out["energy"][:, None],
-                            out[f"featurenorm/{self.block}"][:, None]], dim=1)
-        ints = torch.cat([out["pred"][:, None], ranking], dim=1).to(torch.int32)
+        floats = torch.cat([probabilities,
+                            *(out.of(d, self.block)[:, None] for d in SERVED)], dim=1)
+        ints = torch.cat([out.pred[:, None], ranking], dim=1).to(torch.int32)
         return floats, ints
 
     @torch.inference_mode()

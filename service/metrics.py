@@ -32,8 +32,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from service.thresholds import DETECTORS
 from training.bundle import Manifest
+from training.detectors import SERVED, SERVED_NAMES
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5,
                    1.0, 2.5, 5.0, 10.0)
@@ -81,14 +81,10 @@ class Metrics:
             "oodserve_ood_decisions", "Images judged OOD at the bundle's default thresholds "
             "(combined: under the bundle's default rule)", ["detector"], registry=r)
         self.scores = {
-            "energy": Histogram(
-                "oodserve_energy_score", "Energy scores (lower = more in-distribution)",
-                buckets=score_buckets(manifest, "energy"), registry=r),
-            "featurenorm": Histogram(
-                "oodserve_featurenorm_score", "FeatureNorm scores (higher = more "
-                "in-distribution)", buckets=score_buckets(manifest, "featurenorm"),
-                registry=r),
-        }
+            d.name: Histogram(
+                f"oodserve_{d.name}_score", f"{d.title} scores ({d.direction})",
+                buckets=score_buckets(manifest, d.name), registry=r)
+            for d in SERVED}
         self.image_errors = Counter(
             "oodserve_image_errors", "Images rejected, by reason", ["reason"], registry=r)
         self.model_info = Gauge(
@@ -96,7 +92,7 @@ class Metrics:
             ["name", "version", "architecture", "selected_block", "device", "dtype"],
             multiprocess_mode="livemax", registry=r)
         # Zero-valued series exist from the start, so rates never see a series appear.
-        for detector in (*DETECTORS, "combined"):
+        for detector in (*SERVED_NAMES, "combined"):
             self.ood_decisions.labels(detector)
         for reason in IMAGE_ERROR_REASONS:
             self.image_errors.labels(reason)

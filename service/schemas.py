@@ -3,6 +3,11 @@
 Scores keep training's sign conventions: energy ``-logsumexp(logits)``, lower = more
 in-distribution; FeatureNorm, higher = more in-distribution. A score equal to its threshold
 is in-distribution.
+
+The served detectors (:data:`training.detectors.SERVED`) are spelled out field by field
+(``<name>_threshold`` in :class:`PredictParams`, ``<name>`` in :class:`Prediction`), so that
+the API is written down here rather than generated from the table; the code around these
+models loops over the table, and a test checks that every served detector has its fields.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.bundle import DecisionRule
+from training.detectors import SERVED_NAMES, DecisionRule
 
 ThresholdSource = Literal["bundle", "request", "tpr"]
 
@@ -39,6 +44,11 @@ class PredictParams(BaseModel):
     top_k: int | None = Field(
         None, ge=1, le=1000, description="classes listed in top_k (capped at the number "
                                          "of classes); default: OODSERVE_TOP_K")
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds given directly, by detector name."""
+        given = {name: getattr(self, f"{name}_threshold") for name in SERVED_NAMES}
+        return {name: value for name, value in given.items() if value is not None}
 
 
 class ErrorBody(BaseModel):

@@ -4,18 +4,19 @@ The bundle's calibrated thresholds are the default. A client may replace a detec
 threshold directly, or ask for a target ID true-positive rate, which is turned into
 thresholds with the bundle's ID quantile tables (:func:`training.calibration.threshold_for_tpr`).
 A threshold given directly wins over ``tpr`` for that detector. The decisions themselves
-come from :func:`training.calibration.is_ood`, so ties and directions match training.
+come from :func:`training.calibration.is_ood`, so ties and directions match training. Every
+served detector (:data:`training.detectors.SERVED`) gets a threshold and a decision.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.schemas import ThresholdSource
-from training.bundle import DecisionRule, Manifest
+from training.bundle import Manifest
 from training.calibration import ScoreCalibration, is_ood, threshold_for_tpr
-
-DETECTORS = ("energy", "featurenorm")
+from training.detectors import SERVED_NAMES, DecisionRule
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,30 @@ class Threshold:
 
 
 @dataclass(frozen=True)
-class Policy:
-    """Thresholds of both detectors and the rule that combines their decisions."""
+class Decisions:
+    """Each served detector's decision (by name) and the rule's combined one."""
 
-    energy: Threshold
-    featurenorm: Threshold
+    ood: dict[str, bool]
+    combined: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A threshold per served detector and the rule that combines their decisions."""
+
+    thresholds: dict[str, Threshold]
     decision: DecisionRule
 
-    def decide(self, energy: float, featurenorm: float) -> tuple[bool, bool, bool]:
-        """``(energy is OOD, featurenorm is OOD, combined decision)``."""
-        e, f = self.energy.is_ood(energy), self.featurenorm.is_ood(featurenorm)
-        combined = {"any": e or f, "all": e and f, "energy": e, "featurenorm": f}
-        return e, f, combined[self.decision]
+    def decide(self, scores: Mapping[str, float]) -> Decisions:
+        """The decisions for one image's served scores (by detector name)."""
+        ood = {name: t.is_ood(scores[name]) for name, t in self.thresholds.items()}
+        if self.decision == "any":
+            combined = any(ood.values())
+        elif self.decision == "all":
+            combined = all(ood.values())
+        else:
+            combined = ood[self.decision]
+        return Decisions(ood, combined)
 
 
 def _threshold(cal: ScoreCalibration, explicit: float | None, tpr: float | None) -> Threshold:
@@ -52,11 +65,17 @@ def _threshold(cal: ScoreCalibration, explicit: float | None, tpr: float | None)
     return Threshold(cal.threshold, "bundle", cal.tpr, cal.higher_is_id)
 
 
-def resolve_policy(manifest: Manifest, *, energy_threshold: float | None = None,
-                   featurenorm_threshold: float | None = None, tpr: float | None = None,
-                   decision: DecisionRule | None = None) -> Policy:
-    """The policy for a request's parameters (all optional; the bundle fills the rest)."""
+def resolve_policy(manifest: Manifest, thresholds: Mapping[str, float] | None = None, *,
+                   tpr: float | None = None, decision: DecisionRule | None = None) -> Policy:
+    """The policy for a request's parameters (all optional; the bundle fills the rest):
+    ``thresholds`` given directly by detector name, a target ``tpr`` for the others, the
+    rule."""
+    thresholds = dict(thresholds or {})
+    unknown = set(thresholds) - set(SERVED_NAMES)
+    if unknown:
+        raise ValueError(f"no served detector named {sorted(unknown)}; served: "
+                         f"{list(SERVED_NAMES)}")
     cal = manifest.calibration
-    return Policy(energy=_threshold(cal["energy"], energy_threshold, tpr),
-                  featurenorm=_threshold(cal["featurenorm"], featurenorm_threshold, tpr),
+    return Policy({name: _threshold(cal[name], thresholds.get(name), tpr)
+                   for name in SERVED_NAMES},
                   decision=decision or manifest.default_decision)

@@ -25,6 +25,29 @@ def anyio_backend():
     return "asyncio"
 
 
+def _kept_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_per_module():
+    """Put torch's thread count back after each module and each test. Building a Predictor
+    (a module's service, or a test's own) sets it for the whole process, as the service means
+    to, and the order of a float sum depends on it: a test's numbers depended on whether a
+    service test had run before it. Per module too, because a module's service is started
+    before any test's fixture records the count."""
+    yield from _kept_torch_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_per_test():
+    yield from _kept_torch_threads()
+
+
 @pytest.fixture(scope="module")
 async def client(tiny_bundle):
     """The service on the tiny bundle with default settings, one per test module, through a
@@ -60,6 +83,7 @@ def make_bundle(out_dir: Path, seed: int = 0, taps=("layer2.2", "layer3.2")) -> 
     from training.bundle import export_bundle
     from training.calibration import calibrate_score
     from training.data.transforms import Preprocessing
+    from training.detectors import SERVED
     from training.evaluation import score_batch
     from training.models import build_model
 
@@ -76,10 +100,8 @@ def make_bundle(out_dir: Path, seed: int = 0, taps=("layer2.2", "layer3.2")) -> 
         "taps": list(taps),
         "featurenorm": {"selected_block": selected,
                         "norm_ratios": {t: 1.0 + i for i, t in enumerate(taps)}},
-        "calibration": {
-            "energy": calibrate_score(scores["energy"].numpy(), False, 0.95),
-            "featurenorm": calibrate_score(scores[f"featurenorm/{selected}"].numpy(), True, 0.95),
-        },
+        "calibration": {d.name: calibrate_score(scores.of(d, selected).numpy(), d.higher_is_id,
+                                                0.95) for d in SERVED},
     }
     return export_bundle(out_dir, model, manifest)
 

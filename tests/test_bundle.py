@@ -24,6 +24,7 @@ from training.cli import main as cli_main
 from training.config import ConfigError
 from training.data.archives import file_sha256
 from training.data.sources import open_dataset
+from training.detectors import DETECTORS, SERVED
 from training.evaluation import score_batch, score_dataset
 from training.models import build_model, load_weights
 from training.pipeline import export_run
@@ -79,8 +80,10 @@ def test_a_loaded_bundle_scores_exactly_like_the_exported_model(tiny_bundle, tmp
     images = torch.rand(8, 3, 32, 32)
     a = score_batch(original, images, m.taps)
     b = score_batch(bundle.model, images, m.taps)
-    for key in ("logits", "energy", "featurenorm/layer2.2", "featurenorm/layer3.2"):
-        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(a.logits, b.logits)
+    for block in ("layer2.2", "layer3.2"):
+        for d in DETECTORS:
+            assert torch.equal(a.of(d, block, block), b.of(d, block, block)), (d.name, block)
     thr = m.calibration["energy"].threshold
     assert threshold_for_tpr(m.calibration["energy"].quantiles, 0.95) == pytest.approx(thr)
 
@@ -219,11 +222,13 @@ def test_one_config_goes_to_a_bundle_that_scores_like_training(tiny_data, tmp_pa
                           transform=m.preprocessing.eval_transform())
     a = score_dataset(trained.eval(), images, torch.device("cpu"), taps=m.taps)
     b = score_dataset(bundle.model, images, torch.device("cpu"), taps=m.taps)
-    for key in ("energy", f"featurenorm/{m.featurenorm.selected_block}", "pred"):
-        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_array_equal(a.pred, b.pred)
+    for d in SERVED:
+        np.testing.assert_array_equal(a.of(d, m.featurenorm.selected_block),
+                                      b.of(d, m.featurenorm.selected_block))
     report = json.loads((out / "report.json").read_text())
     acc = report["models"]["this model"]["id_accuracy"]
-    assert acc == pytest.approx(float((a["pred"] == a["label"]).mean()))
+    assert acc == pytest.approx(float((a.pred == a.label).mean()))
 
 
 @pytest.mark.parametrize("soup", [False, True], ids=["run", "soup"])
@@ -264,7 +269,7 @@ def test_export_interpolation_exports_and_evaluates_the_mixed_weights(tiny_data,
     s = score_dataset(bundle.model, images, torch.device("cpu"))
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["this model"]["id_accuracy"] == pytest.approx(
-        float((s["pred"] == s["label"]).mean()))
+        float((s.pred == s.label).mean()))
     with pytest.raises(ConfigError, match="set model.pretrained"):
         tiny_config(tiny_data, tmp_path / "x", "model.pretrained=null", "export.interpolation=0.5")
 

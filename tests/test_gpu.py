@@ -11,6 +11,7 @@ from service.settings import DEFAULT_BUNDLE
 from service.thresholds import resolve_policy
 from training.bundle import load_bundle
 from training.data.sources import open_dataset
+from training.detectors import SERVED
 from training.evaluation import score_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -31,10 +32,10 @@ def test_graphs_on_cuda_give_evaluations_scores(tiny_bundle):
     want = score_batch(bundle.model.eval(), images, [block])
     for n in (1, 3, 8):
         got = predictor(list(images[:n]))
-        np.testing.assert_allclose([s.energy for s in got], want["energy"][:n], rtol=RTOL)
-        np.testing.assert_allclose([s.featurenorm for s in got],
-                                   want[f"featurenorm/{block}"][:n], rtol=RTOL)
-        assert [s.pred for s in got] == want["pred"][:n].tolist()
+        for d in SERVED:
+            np.testing.assert_allclose([s.scores[d.name] for s in got],
+                                       want.of(d, block)[:n], rtol=RTOL)
+        assert [s.pred for s in got] == want.pred[:n].tolist()
 
 
 def accept_rates(precision: str, images: torch.Tensor) -> np.ndarray:
@@ -47,7 +48,8 @@ def accept_rates(precision: str, images: torch.Tensor) -> np.ndarray:
     decisions = []
     for start in range(0, len(images), 256):
         chunk = images[start:start + 256]
-        decisions += [policy.decide(s.energy, s.featurenorm) for s in predictor(list(chunk))]
+        decisions += [(*decided.ood.values(), decided.combined) for decided in
+                      (policy.decide(s.scores) for s in predictor(list(chunk)))]
     return 1.0 - np.mean(np.array(decisions, dtype=float), axis=0)
 
 

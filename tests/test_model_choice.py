@@ -146,8 +146,8 @@ def test_evaluate_bundle_reports_the_served_operating_point(tiny_bundle, tiny_da
     e_thr, f_thr = m.calibration["energy"].threshold, m.calibration["featurenorm"].threshold
 
     def flags(s):
-        e = s["energy"] > e_thr
-        f = s[f"featurenorm/{taps[0]}"] < f_thr
+        e = s.of("energy") > e_thr
+        f = s.of("featurenorm", taps[0]) < f_thr
         return {"energy": e, "featurenorm": f, "any": e | f, "all": e & f}
 
     for key, flagged in flags(ident).items():
@@ -155,7 +155,7 @@ def test_evaluate_bundle_reports_the_served_operating_point(tiny_bundle, tiny_da
     for key, flagged in flags(tin).items():
         assert op["ood_rejected"]["tin"][key] == pytest.approx(flagged.mean())
     assert np.array_equal(flags(ident)["energy"],
-                          is_ood(ident["energy"], e_thr, higher_is_id=False))
+                          is_ood(ident.of("energy"), e_thr, higher_is_id=False))
 
 
 def test_evaluate_and_export_select_the_block_on_the_same_images(tiny_data, tmp_path,

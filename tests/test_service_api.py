@@ -70,9 +70,9 @@ def expected_scores(bundle, rgb: Image.Image) -> dict:
     m = bundle.manifest
     x = m.preprocessing.eval_transform()(load_rgb(rgb)).unsqueeze(0)
     out = score_batch(bundle.model, x, [m.featurenorm.selected_block])
-    return {"energy": out["energy"].item(),
-            "featurenorm": out[f"featurenorm/{m.featurenorm.selected_block}"].item(),
-            "probs": torch.softmax(out["logits"], 1)[0].numpy(), "pred": out["pred"].item()}
+    return {"energy": out.of("energy").item(),
+            "featurenorm": out.of("featurenorm", m.featurenorm.selected_block).item(),
+            "probs": torch.softmax(out.logits, 1)[0].numpy(), "pred": out.pred.item()}
 
 
 async def test_predict_response(client, bundle):

@@ -76,13 +76,13 @@ async def test_a_worker_gets_evaluations_scores_from_the_engine(tiny_bundle, eng
     decoder_transform = bundle.manifest.preprocessing.eval_transform()
     batch = torch.stack([decoder_transform(im) for im in images])
     want = score_batch(bundle.model.eval(), batch, ["layer2.2"])
-    np.testing.assert_allclose([r["energy"]["score"] for r in served], want["energy"],
+    np.testing.assert_allclose([r["energy"]["score"] for r in served], want.of("energy"),
                                rtol=RTOL)
     np.testing.assert_allclose([r["featurenorm"]["score"] for r in served],
-                               want["featurenorm/layer2.2"], rtol=RTOL)
+                               want.of("featurenorm", "layer2.2"), rtol=RTOL)
     np.testing.assert_allclose([r["probability"] for r in served],
-                               want["msp"], rtol=RTOL)
-    assert [r["class_index"] for r in served] == want["pred"].tolist()
+                               want.of("msp"), rtol=RTOL)
+    assert [r["class_index"] for r in served] == want.pred.tolist()
     assert model_info == 1.0
     registry_text = engine.server.metrics.render().decode()
     passes = metric(registry_text, "oodserve_batch_size_count")

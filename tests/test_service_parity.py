@@ -13,6 +13,7 @@ from service_helpers import encode, noise_image, serve, settings
 
 from training.bundle import load_bundle
 from training.data.folders import UnlabeledImageFolder
+from training.detectors import SERVED
 from training.evaluation import score_batch, score_dataset
 
 pytestmark = pytest.mark.anyio
@@ -64,14 +65,13 @@ async def test_service_scores_equal_training_evaluation(tiny_bundle, image_folde
 
         served = await asyncio.gather(*(one(path) for path, _ in dataset.samples))
 
-    assert len(served) == len(evaluation["energy"]) == 24
-    np.testing.assert_allclose([r["energy"]["score"] for r in served], evaluation["energy"],
+    assert len(served) == len(evaluation.pred) == 24
+    for d in SERVED:
+        np.testing.assert_allclose([r[d.name]["score"] for r in served],
+                                   evaluation.of(d, block), rtol=RTOL)
+    np.testing.assert_allclose([r["probability"] for r in served], evaluation.of("msp"),
                                rtol=RTOL)
-    np.testing.assert_allclose([r["featurenorm"]["score"] for r in served],
-                               evaluation[f"featurenorm/{block}"], rtol=RTOL)
-    np.testing.assert_allclose([r["probability"] for r in served], evaluation["msp"],
-                               rtol=RTOL)
-    assert [r["class_index"] for r in served] == evaluation["pred"].tolist()
+    assert [r["class_index"] for r in served] == evaluation.pred.tolist()
 
 
 def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundle):
@@ -89,8 +89,7 @@ def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundl
     want = score_batch(bundle.model.eval(), images, [block])
     for batch in (images[:1], images):
         got = predictor(list(batch))
-        np.testing.assert_allclose([s.energy for s in got], want["energy"][:len(batch)],
-                                   rtol=RTOL)
-        np.testing.assert_allclose([s.featurenorm for s in got],
-                                   want[f"featurenorm/{block}"][:len(batch)], rtol=RTOL)
-        assert [s.pred for s in got] == want["pred"][:len(batch)].tolist()
+        for d in SERVED:
+            np.testing.assert_allclose([s.scores[d.name] for s in got],
+                                       want.of(d, block)[:len(batch)], rtol=RTOL)
+        assert [s.pred for s in got] == want.pred[:len(batch)].tolist()

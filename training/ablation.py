@@ -26,6 +26,7 @@ from torch.utils.data import Subset
 from training.config import RunConfig, load_config
 from training.data.sampling import stratified_split
 from training.data.sources import open_dataset, open_unlabelled
+from training.detectors import SERVED
 from training.models import build_model, load_weights
 from training.pipeline import aux_validation_set, selection_indices
 from training.report import ModelResult, evaluate_model
@@ -103,9 +104,10 @@ def ablate(config: str, overrides: list[str], modes: list[str], out: Path) -> Pa
     md = [f"# Ablation of `{config}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
           "", (f"Start: `{cfg.model.pretrained}`; each mode trained with the same optimiser, "
           f"steps, seed and outliers; ID test `{cfg.evaluation.id_test}`; `aux-val`: the "
-          "auxiliary outliers no run trained on. Cells: FPR95 / AUROC %, ID positive."), "",
-          "## Energy", "", *table(rows, "energy"), "",
-          "## FeatureNorm (each run's selected block)", "", *table(rows, "featurenorm"), ""]
+          "auxiliary outliers no run trained on. Cells: FPR95 / AUROC %, ID positive."), ""]
+    for d in SERVED:
+        where = " (each run's selected block)" if d.block == "selected" else ""
+        md += [f"## {d.title}{where}", "", *table(rows, d.name), ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "ablation.md").write_text("\n".join(md))

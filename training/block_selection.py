@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.detectors import FEATURENORM
 from training.evaluation import score_batch
 from training.models import TappedClassifier
 from training.progress import progress
@@ -87,8 +88,8 @@ def norm_ratios(model: TappedClassifier, dataset: Dataset, device: torch.device,
             plain = score_batch(model, images, blocks)
             shuffled = score_batch(model, jigsaw(images, generator), blocks)
             for b in blocks:
-                key = f"featurenorm/{b}"
-                ratio = plain[key].double() / shuffled[key].double().clamp_min(_EPS)
+                ratio = (plain.of(FEATURENORM, b).double()
+                         / shuffled.of(FEATURENORM, b).double().clamp_min(_EPS))
                 sums[b] += float(ratio.sum())
             count += images.shape[0]
     finally:

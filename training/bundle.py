@@ -39,15 +39,13 @@ from safetensors.torch import load_file, save_file
 from training.calibration import ScoreCalibration
 from training.data.archives import file_sha256
 from training.data.transforms import Preprocessing
+from training.detectors import SERVED_NAMES, DecisionRule
 from training.models import TappedClassifier, build_model, load_state
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 NOTICE_FILE = "NOTICE"
-# The scores a bundle calibrates and the service serves. Keys of Manifest.calibration.
-SERVED_SCORES = ("energy", "featurenorm")
-DecisionRule = Literal["any", "all", "energy", "featurenorm"]
 
 
 class BundleError(ValueError):
@@ -87,7 +85,7 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     taps: list[str] = Field(..., min_length=1, description="blocks tapped at serving time")
     featurenorm: FeatureNormBlock
-    calibration: dict[Literal["energy", "featurenorm"], ScoreCalibration]
+    calibration: dict[Literal[SERVED_NAMES], ScoreCalibration]  # one per served detector
     default_decision: DecisionRule = "any"
     evaluation: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -99,7 +97,7 @@ class Manifest(_Strict):
         if self.featurenorm.selected_block not in self.taps:
             raise ValueError(f"featurenorm.selected_block {self.featurenorm.selected_block!r} "
                              f"is not among taps {self.taps}")
-        missing = [s for s in SERVED_SCORES if s not in self.calibration]
+        missing = [s for s in SERVED_NAMES if s not in self.calibration]
         if missing:
             raise ValueError(f"calibration lacks {missing}")
         if self.architecture.options.get("num_classes", len(self.classes)) != len(self.classes):

@@ -2,7 +2,7 @@
 
 A threshold is calibrated to keep a true-positive rate (ID positive, as in FPR95): at
 ``tpr = 0.95``, 95% of held-out ID images fall on the in-distribution side. Which side that
-is follows the score's direction (:data:`training.scores.HIGHER_IS_ID`):
+is follows the score's direction (``higher_is_id`` in :mod:`training.detectors`):
 
 * lower is ID (energy): the image is OOD when ``score > threshold``; the threshold is the
   ``tpr`` quantile of the ID scores;

@@ -6,9 +6,9 @@ sort of the pooled scores, so 100k+ samples take milliseconds.
 
 **ID is the positive class** (the classic Hendrycks/ODIN reading, which GReg's and
 FeatureNorm's code use). A score is first turned into an *ID confidence*: kept as is when
-higher means more ID, negated otherwise (see :data:`training.scores.HIGHER_IS_ID`; energy is
-negated). A sample is accepted as ID iff its confidence is >= the threshold, so samples tied
-at a threshold cross it together.
+higher means more ID, negated otherwise (``higher_is_id`` in :mod:`training.detectors`;
+energy is negated). A sample is accepted as ID iff its confidence is >= the threshold, so
+samples tied at a threshold cross it together.
 
 * ``fpr95``: share of OOD samples accepted as ID at the largest threshold that still accepts
   >= 95% of ID. This equals scikit-learn's ``roc_curve(y_id, conf, drop_intermediate=False)``
@@ -85,8 +85,9 @@ def _average_precision(pos_counts: np.ndarray, neg_counts: np.ndarray) -> float:
 def ood_metrics(id_scores, ood_scores, higher_is_id: bool) -> dict[str, float]:
     """FPR95 (both readings), AUROC, AUPR-In and AUPR-Out of one detector on one ID/OOD pair.
 
-    ``higher_is_id`` gives the score's direction (``HIGHER_IS_ID[name]``); the metrics are
-    then independent of it. Raises ``ValueError`` for empty, non-1-D or non-finite scores.
+    ``higher_is_id`` gives the score's direction (its detector's, :mod:`training.detectors`);
+    the metrics are then independent of it. Raises ``ValueError`` for empty, non-1-D or
+    non-finite scores.
     """
     id_conf = _as_scores(id_scores, "id_scores")
     ood_conf = _as_scores(ood_scores, "ood_scores")

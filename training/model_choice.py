@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from training.detectors import ENERGY
 from training.evaluation import score_dataset
 from training.metrics import ood_metrics
 from training.models import TappedClassifier, load_state
@@ -99,11 +100,11 @@ def validate(model: TappedClassifier, val_id: Dataset, val_ood: dict[str, Datase
              device: torch.device, **kw) -> tuple[float, dict[str, float], dict[str, float]]:
     """Held-out accuracy and energy FPR95 / AUROC (ID positive) per validation outlier set."""
     ident = score_dataset(model, val_id, device, desc="choice: held-out ID", **kw)
-    accuracy = float((ident["pred"] == ident["label"]).mean())
+    accuracy = float((ident.pred == ident.label).mean())
     fpr, auroc = {}, {}
     for name, dataset in val_ood.items():
         scored = score_dataset(model, dataset, device, desc=f"choice: {name}", **kw)
-        m = ood_metrics(ident["energy"], scored["energy"], higher_is_id=False)
+        m = ood_metrics(ident.of(ENERGY), scored.of(ENERGY), ENERGY.higher_is_id)
         fpr[name], auroc[name] = m["fpr95"], m["auroc"]
     return accuracy, fpr, auroc
 

@@ -9,8 +9,9 @@ steps, each on data the previous ones did not touch:
    images and outliers training never saw), before any test set is opened
    (:mod:`training.model_choice`).
 1. **Block selection** on ID *training* images (outside the held-out split), jigsaw vs plain.
-2. **Calibration** of the energy and FeatureNorm thresholds on the held-out ID *validation*
-   split, at ``evaluation.tpr``, plus their quantile tables.
+2. **Calibration** of the served detectors' thresholds (energy and FeatureNorm,
+   :data:`training.detectors.SERVED`) on the held-out ID *validation* split, at
+   ``evaluation.tpr``, plus their quantile tables.
 3. **Evaluation** on the ID *test* set and the OOD test sets of the config, for the trained
    model and for each baseline (e.g. the network before fine-tuning), each baseline with its
    own selected block; the served operating point on the test sets (what the calibrated
@@ -39,12 +40,12 @@ from training.config import ConfigError, RunConfig
 from training.data.archives import source_provenance
 from training.data.sampling import stratified_split
 from training.data.sources import open_dataset, open_unlabelled
+from training.detectors import DETECTORS, SERVED
 from training.evaluation import score_dataset
 from training.model_choice import choose_interpolation
 from training.models import build_model, load_state, load_weights
 from training.progress import step
 from training.report import (
-    DETECTORS,
     ModelResult,
     evaluate_model,
     figures,
@@ -183,10 +184,8 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
     result = evaluate_model(RESULT_NAME, model, **kw)
     sel = result.selected_block
     val_scores = score_dataset(model, val, device, taps=[sel], desc="calibration", **score_kw)
-    calibration = {
-        "energy": calibrate_score(val_scores["energy"], False, ev.tpr),
-        "featurenorm": calibrate_score(val_scores[f"featurenorm/{sel}"], True, ev.tpr),
-    }
+    calibration = {d.name: calibrate_score(val_scores.of(d, sel), d.higher_is_id, ev.tpr)
+                   for d in SERVED}
     thresholds = {k: c.threshold for k, c in calibration.items()}
     op = operating_point(result, thresholds)
     if ev.baselines:
@@ -218,7 +217,7 @@ def export_run(cfg: RunConfig, command: str = "") -> Path:
         md += "\n" + choice.markdown()
     report = {"id_test": ev.id_test, "ood": ev.ood, "tpr": ev.tpr,
               "selection_images": len(selection), "calibration_images": len(val),
-              "detectors": list(DETECTORS),
+              "detectors": [d.name for d in DETECTORS],
               "models": {r.name: r.to_json() for r in [result, *baselines]},
               "baselines": ev.baselines, "operating_point": op,
               "choice": choice.to_json() if choice else None}

@@ -2,14 +2,10 @@
 
 :func:`evaluate_model` selects the FeatureNorm block (NormRatio on ID training images),
 scores the ID test set and every OOD set in one forward pass per batch with every block
-tapped, and measures the detectors
-
-* ``msp``, ``max_logit``, ``energy``: logit-based;
-* ``featurenorm``: FeatureNorm at the selected block;
-* ``featurenorm_last``: FeatureNorm at the last block, the naive choice selection is
-  compared against;
-
-with :func:`training.metrics.ood_metrics` (FPR95 with ID positive, AUROC, AUPR-In/Out), plus
+tapped, and measures every detector of :data:`training.detectors.DETECTORS` (``msp``,
+``max_logit`` and ``energy`` on the logits; ``featurenorm`` at the selected block and
+``featurenorm_last`` at the last one, the naive choice selection is compared against) with
+:func:`training.metrics.ood_metrics` (FPR95 with ID positive, AUROC, AUPR-In/Out), plus
 ID accuracy and the AUROC of FeatureNorm at every block (for the block profile plot).
 :func:`markdown`, :func:`operating_point_markdown` and :func:`figures` turn results into what
 ``report.md`` and ``plots/`` hold.
@@ -27,13 +23,11 @@ from torch.utils.data import Dataset
 from training import plots
 from training.block_selection import norm_ratios, select_block
 from training.calibration import is_ood
-from training.evaluation import score_dataset
+from training.detectors import BY_NAME, DETECTORS, FEATURENORM, Detector
+from training.evaluation import DetectorScores, score_dataset
 from training.metrics import ood_metrics, roc_curve
 from training.models import TappedClassifier
-from training.scores import HIGHER_IS_ID
 
-DETECTORS = ("msp", "max_logit", "energy", "featurenorm", "featurenorm_last")
-DIRECTION = {**HIGHER_IS_ID, "featurenorm_last": True}
 METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 
@@ -55,11 +49,13 @@ class ModelResult:
                 "norm_ratios": self.norm_ratios, "id_accuracy": self.id_accuracy,
                 "ood": self.ood, "featurenorm_auroc_per_block": self.block_auroc}
 
+    def block_of(self, detector: Detector) -> str | None:
+        """The block ``detector`` reads in this model (None: the logits)."""
+        return detector.block_name(self.selected_block, self.last_block)
 
-def _detector_scores(raw: dict[str, np.ndarray], selected: str, last: str) -> dict[str, np.ndarray]:
-    return {"msp": raw["msp"], "max_logit": raw["max_logit"], "energy": raw["energy"],
-            "featurenorm": raw[f"featurenorm/{selected}"],
-            "featurenorm_last": raw[f"featurenorm/{last}"]}
+
+def _detector_scores(raw: DetectorScores, selected: str, last: str) -> dict[str, np.ndarray]:
+    return {d.name: raw.of(d, selected, last) for d in DETECTORS}
 
 
 def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset,
@@ -79,18 +75,18 @@ def evaluate_model(name: str, model: TappedClassifier, *, id_test: Dataset,
         selected_block = select_block(ratios)
     last = blocks[-1]
     raw_id = score_dataset(model, id_test, device, taps=blocks, desc=f"{name}: ID test", **kw)
-    accuracy = float((raw_id["pred"] == raw_id["label"]).mean())
+    accuracy = float((raw_id.pred == raw_id.label).mean())
     scores = {"id": _detector_scores(raw_id, selected_block, last)}
     ood, per_block = {}, {}
     for set_name, dataset in ood_sets.items():
         raw = score_dataset(model, dataset, device, taps=blocks, desc=f"{name}: {set_name}",
                             **kw)
         scores[set_name] = _detector_scores(raw, selected_block, last)
-        ood[set_name] = {d: ood_metrics(scores["id"][d], scores[set_name][d], DIRECTION[d])
-                         for d in DETECTORS}
+        ood[set_name] = {d.name: ood_metrics(scores["id"][d.name], scores[set_name][d.name],
+                                             d.higher_is_id) for d in DETECTORS}
         per_block[set_name] = {
-            b: ood_metrics(raw_id[f"featurenorm/{b}"], raw[f"featurenorm/{b}"], True)["auroc"]
-            for b in blocks}
+            b: ood_metrics(raw_id.of(FEATURENORM, b), raw.of(FEATURENORM, b),
+                           FEATURENORM.higher_is_id)["auroc"] for b in blocks}
     return ModelResult(name, selected_block, last, dict(ratios or {}), accuracy, ood,
                        per_block, scores)
 
@@ -103,7 +99,7 @@ def operating_point(result: ModelResult, thresholds: dict[str, float],
     detector says so; ``all``: when both do), the same decisions as the service's
     ``Policy.decide`` (both go through :func:`training.calibration.is_ood`)."""
     def flags(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {d: is_ood(scores[d], t, DIRECTION[d]) for d, t in thresholds.items()}
+        out = {d: is_ood(scores[d], t, BY_NAME[d].higher_is_id) for d, t in thresholds.items()}
         stacked = np.stack(list(out.values()))
         return out | {"any": stacked.any(axis=0), "all": stacked.all(axis=0)}
 
@@ -167,20 +163,20 @@ def markdown(results: list[ModelResult], title: str, notes: list[str] = ()) -> s
                   "| model | detector | FPR95 % ↓ | AUROC % ↑ | AUPR-In % ↑ | AUPR-Out % ↑ |",
                   "|---|---|---|---|---|---|"]
         for r in results:
-            for det in DETECTORS:
-                m = r.ood[set_name][det]
-                label = {"featurenorm": f"featurenorm ({r.selected_block})",
-                         "featurenorm_last": f"featurenorm ({r.last_block}, last)"}.get(det, det)
+            for d in DETECTORS:
+                m = r.ood[set_name][d.name]
+                block = r.block_of(d)
+                label = d.name if block is None else f"{d.name} ({block})"
                 lines.append(f"| {r.name} | {label} | " + " | ".join(
                     _pct(m[k]) for k in METRIC_NAMES) + " |")
     if len(ood_names) > 1:
         lines += ["", "## Mean over OOD sets", "", "| model | detector | FPR95 % ↓ | AUROC % ↑ |",
                   "|---|---|---|---|"]
         for r in results:
-            for det in DETECTORS:
-                f = np.mean([r.ood[s][det]["fpr95"] for s in ood_names])
-                a = np.mean([r.ood[s][det]["auroc"] for s in ood_names])
-                lines.append(f"| {r.name} | {det} | {_pct(f)} | {_pct(a)} |")
+            for d in DETECTORS:
+                f = np.mean([r.ood[s][d.name]["fpr95"] for s in ood_names])
+                a = np.mean([r.ood[s][d.name]["auroc"] for s in ood_names])
+                lines.append(f"| {r.name} | {d.name} | {_pct(f)} | {_pct(a)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,18 +186,17 @@ def figures(result: ModelResult, profile_set: str,
     thresholds = thresholds or {}
     out = {}
     ood_names = [s for s in result.scores if s != "id"]
-    for det, xlabel in (("energy", "energy (lower = more ID)"),
-                        ("featurenorm",
-                         f"FeatureNorm at {result.selected_block} (higher = more ID)"),
-                        ("msp", "max softmax probability (higher = more ID)")):
-        series = {"ID test": result.scores["id"][det]}
-        series |= {s: result.scores[s][det] for s in ood_names}
-        marker = ("threshold", thresholds[det]) if det in thresholds else None
-        out[f"plots/hist_{det}.svg"] = plots.histograms(series, f"{det}: ID vs OOD", xlabel,
-                                                        marker=marker)
+    for d in DETECTORS:
+        block = result.block_of(d)
+        xlabel = d.title + ("" if block is None else f" at {block}") + f" ({d.direction})"
+        series = {"ID test": result.scores["id"][d.name]}
+        series |= {s: result.scores[s][d.name] for s in ood_names}
+        marker = ("threshold", thresholds[d.name]) if d.name in thresholds else None
+        out[f"plots/hist_{d.name}.svg"] = plots.histograms(series, f"{d.name}: ID vs OOD",
+                                                           xlabel, marker=marker)
     for s in ood_names:
-        curves = {d: roc_curve(result.scores["id"][d], result.scores[s][d], DIRECTION[d])
-                  for d in DETECTORS}
+        curves = {d.name: roc_curve(result.scores["id"][d.name], result.scores[s][d.name],
+                                    d.higher_is_id) for d in DETECTORS}
         out[f"plots/roc_{s}.svg"] = plots.roc_curves(curves, f"ROC: ID test vs {s}")
     if result.norm_ratios:
         out["plots/blocks.svg"] = plots.block_profile(

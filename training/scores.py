@@ -10,15 +10,13 @@ Sign conventions (kept everywhere in oodserve, in the API and in the metrics):
   output (Yu et al. 2023). **Higher = more in-distribution.**
 * ``msp`` (max softmax probability) and ``max_logit``: **higher = more in-distribution.**
 
-:data:`HIGHER_IS_ID` records the direction of each score so that metrics and thresholds can
-turn any score into "in-distribution confidence" without a table of special cases.
+Each score's direction is recorded with it in the table of :mod:`training.detectors`, which
+metrics and thresholds read instead of special cases.
 """
 
 from __future__ import annotations
 
 import torch
-
-HIGHER_IS_ID = {"energy": False, "featurenorm": True, "msp": True, "max_logit": True}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

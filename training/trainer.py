@@ -43,6 +43,7 @@ from training.data.sampling import (
     stratified_split,
 )
 from training.data.sources import open_dataset
+from training.detectors import ENERGY
 from training.evaluation import score_dataset
 from training.losses import GRegLoss
 from training.metrics import ood_metrics
@@ -317,12 +318,12 @@ class Trainer:
         if self.p.val_set is None:
             return out
         val = score_dataset(self.model, self.p.val_set, dev, batch_size=bs)
-        out["val_accuracy"] = float((val["pred"] == val["label"]).mean())
-        out["val_energy_mean"] = float(val["energy"].mean())
+        out["val_accuracy"] = float((val.pred == val.label).mean())
+        out["val_energy_mean"] = float(val.of(ENERGY).mean())
         if self.p.aux_probe is not None:
             aux = score_dataset(self.model, self.p.aux_probe, dev, batch_size=bs)
-            m = ood_metrics(val["energy"], aux["energy"], higher_is_id=False)
-            out.update(aux_energy_mean=float(aux["energy"].mean()),
+            m = ood_metrics(val.of(ENERGY), aux.of(ENERGY), ENERGY.higher_is_id)
+            out.update(aux_energy_mean=float(aux.of(ENERGY).mean()),
                        aux_energy_auroc=m["auroc"], aux_energy_fpr95=m["fpr95"])
         return out
 

@@ -119,12 +119,11 @@ def _validate(query: dict[str, str], fields: dict[str, str],
 
 
 def _policy(engine: Engine, params: PredictParams) -> Policy:
-    if (params.energy_threshold, params.featurenorm_threshold, params.tpr,
-            params.decision) == (None, None, None, None):
+    thresholds = params.thresholds()
+    if not thresholds and params.tpr is None and params.decision is None:
         return engine.default_policy
-    return resolve_policy(engine.manifest, energy_threshold=params.energy_threshold,
-                          featurenorm_threshold=params.featurenorm_threshold,
-                          tpr=params.tpr, decision=params.decision)
+    return resolve_policy(engine.manifest, thresholds, tpr=params.tpr,
+                          decision=params.decision)
 
 
 def _top_k(engine: Engine, params: PredictParams) -> int:

@@ -30,6 +30,7 @@ import importlib.metadata
 import struct
 import zlib
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ from service.routers.deps import engine_for, readiness
 from service.routers.predict import _policy  # the same default-or-resolved policy as /predict
 from service.schemas import Prediction, PredictParams
 from service.security import authorize
+from training.detectors import SERVED, SERVED_NAMES
 
 router = APIRouter(prefix="/v2", include_in_schema=False)
 
@@ -69,16 +71,15 @@ BINARY_MEDIA_TYPE = "application/octet-stream"
 ENCODINGS = {"gzip": 31, "deflate": 15}
 
 # Output name -> (datatype, the value of one image). `probabilities` is a row per image, in
-# class order: the predictions are made with every class in their top_k (_predict_all).
+# class order: the predictions are made with every class in their top_k (_predict_all). Each
+# served detector gives its score (`<name>`) and its decision (`<name>_is_ood`).
 OUTPUTS: dict[str, tuple[str, Callable[[Prediction], Any]]] = {
     "label": ("BYTES", lambda p: p.label),
     "class_index": ("INT64", lambda p: p.class_index),
     "probabilities": ("FP32", lambda p: [c.probability for c in
                                          sorted(p.top_k, key=lambda c: c.index)]),
-    "energy": ("FP32", lambda p: p.energy.score),
-    "featurenorm": ("FP32", lambda p: p.featurenorm.score),
-    "energy_is_ood": ("BOOL", lambda p: p.energy.is_ood),
-    "featurenorm_is_ood": ("BOOL", lambda p: p.featurenorm.is_ood),
+    **{d: ("FP32", attrgetter(f"{d}.score")) for d in SERVED_NAMES},
+    **{f"{d}_is_ood": ("BOOL", attrgetter(f"{d}.is_ood")) for d in SERVED_NAMES},
     "is_ood": ("BOOL", lambda p: p.is_ood),
 }
 PER_CLASS = "probabilities"
@@ -418,8 +419,10 @@ def _encode(datatype: str, values: list) -> bytes:
 
 def _thresholds(p: Prediction) -> Parameters:
     """What decided "out of distribution", the same for every image of a request."""
-    out: Parameters = {"decision": p.decision, "featurenorm_block": p.featurenorm.block}
-    for detector, result in (("energy", p.energy), ("featurenorm", p.featurenorm)):
+    out: Parameters = {"decision": p.decision}
+    out |= {f"{d.name}_block": getattr(p, d.name).block for d in SERVED if d.block}
+    for detector in SERVED_NAMES:
+        result = getattr(p, detector)
         out[f"{detector}_threshold"] = result.threshold
         out[f"{detector}_threshold_source"] = result.threshold_source
         if result.tpr is not None:
