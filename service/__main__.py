@@ -30,6 +30,7 @@ import copy
 import logging.config
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -99,31 +100,38 @@ def _log_config(level: str) -> dict:
 
 
 def _load(settings: Settings):
-    from training.bundle import BundleError, load_bundle
+    from service.model_registry import check_models, serving_what
+    from training.bundle import BundleError
 
     try:
-        return load_bundle(settings.bundle, settings.bundle_public_key)
+        return check_models(settings)
     except BundleError as exc:
-        sys.exit(f"oodserve: cannot serve the bundle {settings.bundle} (--bundle, "
-                 f"OODSERVE_BUNDLE): {exc}")
+        sys.exit(f"oodserve: cannot serve {serving_what(settings)}: {exc}")
 
 
 def _serve(argv: Sequence[str]) -> None:
     from service.preflight import preflight_in_child
     from service.workers import run_workers
 
+    # SIGHUP reloads the models once a process has set up its handler (service.reload);
+    # until then it must not kill this process or the children, which inherit this.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(argv)
     bundle = None
     if settings.workers == 1 and settings.layout == "replicated":
         bundle = _load(settings)
         workers, layout = 1, "replicated"
     else:
-        check = preflight_in_child(str(settings.bundle), settings.device,
-                                   settings.bundle_public_key)
+        check = preflight_in_child(settings)
         if check.problem is not None:
             sys.exit(f"oodserve: {check.problem}")
         workers = settings.resolved_workers(check.cuda)
         layout = settings.resolved_layout(check.cuda)
+        if layout == "engine" and settings.model_repository is not None:
+            sys.exit("oodserve: --model-repository (OODSERVE_MODEL_REPOSITORY) is not "
+                     "supported in the engine layout, whose engine process hosts one model: "
+                     "set --layout replicated (OODSERVE_LAYOUT=replicated), or serve one "
+                     "bundle (OODSERVE_BUNDLE)")
 
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                "access_log": settings.access_log,
@@ -140,7 +148,9 @@ def _serve(argv: Sequence[str]) -> None:
 
         # uvicorn turns SIGINT into a graceful shut-down, raises it again once done, and
         # takes the KeyboardInterrupt that follows as the end: exit status 0.
-        uvicorn.run(create_app(settings, bundle or _load(settings)), **options)
+        app = create_app(settings, bundle or _load(settings))
+        bundle = None  # the app's now: a reload must be able to release it
+        uvicorn.run(app, **options)
     else:
         # The workers are handed the resolved settings, with the number of workers decided.
         settings = settings.model_copy(update={"workers": workers})

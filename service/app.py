@@ -22,17 +22,19 @@ from fastapi import FastAPI, Security
 
 from service import http_protocol
 from service.docs_ui import install_docs
-from service.engine import Engine
 from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
     EarlyAnswerMiddleware,
     RequestMetricsMiddleware,
 )
-from service.routers import health, metrics, predict, v2
+from service.model_registry import LeaseMiddleware, ModelRegistry, check_models
+from service.reload import reload_on_sighup
+from service.routers import admin, health, metrics, predict, v2
 from service.security import BEARER
 from service.settings import Settings
-from training.bundle import Bundle, BundleError, load_bundle
+from training.bundle import Bundle, BundleError
 
 log = logging.getLogger("oodserve")
 
@@ -52,10 +54,11 @@ they came from. Errors are `{"error": {"code": ..., "message": ...}}`.
 """
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
+def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] | None = None,
                engine_address: Path | None = None) -> FastAPI:
-    """The application for ``settings`` (default: from the environment). ``bundle`` may be
-    given already loaded (``python -m service`` checks it before starting uvicorn). With
+    """The application for ``settings`` (default: from the environment). The bundles to
+    serve may be given already loaded (``python -m service`` checks them before starting
+    uvicorn: :func:`~service.model_registry.check_models`). With
     ``engine_address`` (default: :data:`ENGINE_ADDRESS_ENV`, which :mod:`service.workers`
     sets for its workers in the engine layout), images are scored by the engine process
     listening there instead of a model in this process."""
@@ -63,30 +66,42 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
     if engine_address is None and os.environ.get(ENGINE_ADDRESS_ENV):
         engine_address = Path(os.environ[ENGINE_ADDRESS_ENV])
 
+    # Handed over to the registry, not kept here: a model reloaded away must not stay
+    # referenced by the app (its memory would never be released).
+    preloaded = [bundle] if isinstance(bundle, Bundle) else list(bundle or ())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle,
-                                                       settings.bundle_public_key)
+            registry = ModelRegistry(settings, app.state.metrics, engine_address)
+            loaded = preloaded[:] or await asyncio.to_thread(check_models, settings)
+            preloaded.clear()
         except BundleError as exc:
-            log.error("cannot serve the bundle %s (OODSERVE_BUNDLE): %s", settings.bundle, exc)
+            if settings.model_repository is None:
+                log.error("cannot serve the bundle %s (OODSERVE_BUNDLE): %s",
+                          settings.bundle, exc)
+            else:
+                log.error("cannot serve the model repository %s (OODSERVE_MODEL_REPOSITORY): "
+                          "%s", settings.model_repository, exc)
             raise
-        engine = Engine(settings, loaded, engine_address)
-        await engine.start()
-        app.state.engine = engine
-        warm_up = asyncio.create_task(engine.warm_up())
+        await registry.start(loaded)
+        del loaded
+        app.state.models = registry
+        hangup = reload_on_sighup(registry)
         try:
             yield
         finally:
-            warm_up.cancel()
-            app.state.engine = None
-            await engine.stop()
+            hangup()
+            app.state.models = None
+            await registry.stop()
+            app.state.metrics.mark_process_dead()
 
     app = FastAPI(title="oodserve", version="1", description=DESCRIPTION, lifespan=lifespan,
                   form_limits={"max_files": settings.max_batch_images, "max_fields": 16},
                   docs_url=None, redoc_url=None)  # /docs from local files: install_docs
     app.state.settings = settings
-    app.state.engine = None
+    app.state.metrics = ServiceMetrics()
+    app.state.models = None
     http_protocol.configure(settings)  # the server's head limits, in this process
     # python-multipart logs parser warnings that quote the body: not in our logs.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -95,13 +110,14 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                        read_timeout_s=settings.read_timeout_s)
     app.add_middleware(EarlyAnswerMiddleware, max_drain_bytes=settings.max_drain_bytes,
                        timeout_s=settings.read_timeout_s)
+    app.add_middleware(LeaseMiddleware)
     app.add_middleware(RequestMetricsMiddleware)  # added last: outermost, sees every status
     # With a key, the predict routes declare the bearer scheme in the OpenAPI schema (the
     # check itself is PredictRoute's, before the body is read).
     app.include_router(predict.router,
                        dependencies=[Security(BEARER)] if settings.api_key else None)
     # The Open Inference Protocol's routes check the key themselves (infer only).
-    for router in (health.router, metrics.router, v2.router):
+    for router in (health.router, metrics.router, v2.router, admin.router):
         app.include_router(router)
     install_docs(app)
     return app

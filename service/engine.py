@@ -105,13 +105,14 @@ class RequestDecoding:
 
 
 class Engine:
-    def __init__(self, settings: Settings, bundle: Bundle, engine_address: Path | None = None):
+    def __init__(self, settings: Settings, bundle: Bundle, engine_address: Path | None = None,
+                 metrics: Metrics | None = None):
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version)
         self.block = self.manifest.featurenorm.selected_block
-        self.metrics = Metrics(self.manifest)
+        self.metrics = metrics or Metrics(self.manifest)
         if engine_address is None:
             self.scorer: LocalScorer | EngineClient = LocalScorer(settings, bundle,
                                                                   self.metrics)
@@ -172,7 +173,6 @@ class Engine:
         self.ready = False
         await self.scorer.stop()
         self._decode_pool.shutdown(wait=True)
-        self.metrics.mark_process_dead()
 
     def request_decoding(self, images: int = 1) -> RequestDecoding:
         """Admit a new request of ``images`` images, before any is decoded, or refuse it as a

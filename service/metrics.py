@@ -10,11 +10,22 @@ whatever a client asked for, so that
 ``rate(oodserve_ood_decisions_total[5m]) / rate(oodserve_predictions_total[5m])`` follows
 the inputs rather than the clients' threshold choices.
 
+Several models (:mod:`service.model_registry`): the series of images and batches carry the
+``model`` and ``version`` that scored them. Each served (model, version) has its own
+:class:`Metrics` in its own registry, because its score histograms have their own buckets
+(the quantiles of its own calibration) and prometheus_client gives all the series of a
+metric the same buckets; :class:`ServiceMetrics` holds the HTTP series and writes one
+exposition, merging the models' families by name (a histogram's buckets may differ from one
+label set to another; ``histogram_quantile`` and ``sum by (le, model)`` work per series).
+The series of a version that was reloaded away stay (counters do not go back), its
+``oodserve_model_info`` turns 0.
+
 With several worker processes, prometheus_client's multiprocess mode is used when
 ``PROMETHEUS_MULTIPROC_DIR`` is set (``python -m service`` sets and wipes it): each worker
-writes its values to files there and ``/metrics`` merges them, whichever worker answers.
-That mode has no Info metric, so the model is described by a gauge ``oodserve_model_info``
-with value 1, in ``livemax`` mode so that the series of dead workers disappear.
+writes its values to files there and ``/metrics`` merges them, whichever worker answers; its
+merge sums histogram buckets per label set, so per-model buckets hold there too. That mode
+has no Info metric, so the model is described by a gauge ``oodserve_model_info`` with value
+1, in ``livemax`` mode so that the series of dead workers disappear.
 """
 
 from __future__ import annotations
@@ -55,38 +66,50 @@ def score_buckets(manifest: Manifest, detector: str) -> list[float]:
     return sorted({float(f"{v:.4g}") for v in values})
 
 
+MODEL_LABELS = ("model", "version")
+
+
+class _ForModel:
+    """A labelled metric with the model's labels filled in: ``labels(detector)`` gives the
+    series of that detector for this model."""
+
+    def __init__(self, metric, model: tuple[str, str]):
+        self._metric, self._model = metric, model
+
+    def labels(self, *values: str):
+        return self._metric.labels(*self._model, *values)
+
+
 class Metrics:
+    """The series of one served (model, version): what its images and batches did."""
+
     def __init__(self, manifest: Manifest):
-        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "oodserve_requests", "HTTP requests by route template and status code",
-            ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram(
-            "oodserve_request_duration_seconds", "Time from request start to response end",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        model = (manifest.name, manifest.version)
         self.queue_wait = Histogram(
             "oodserve_queue_wait_seconds", "Time an image waited for its forward pass",
-            buckets=LATENCY_BUCKETS, registry=r)
+            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(*model)
         self.inference_duration = Histogram(
             "oodserve_inference_duration_seconds", "Time of one batched forward pass",
-            buckets=LATENCY_BUCKETS, registry=r)
+            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(*model)
         self.batch_size = Histogram(
-            "oodserve_batch_size", "Images per forward pass", buckets=BATCH_SIZE_BUCKETS,
-            registry=r)
+            "oodserve_batch_size", "Images per forward pass", MODEL_LABELS,
+            buckets=BATCH_SIZE_BUCKETS, registry=r).labels(*model)
         self.predictions = Counter(
-            "oodserve_predictions", "Images scored", registry=r)
-        self.ood_decisions = Counter(
+            "oodserve_predictions", "Images scored", MODEL_LABELS, registry=r).labels(*model)
+        self.ood_decisions = _ForModel(Counter(
             "oodserve_ood_decisions", "Images judged OOD at the bundle's default thresholds "
-            "(combined: under the bundle's default rule)", ["detector"], registry=r)
+            "(combined: under the bundle's default rule)", (*MODEL_LABELS, "detector"),
+            registry=r), model)
         self.scores = {
             d.name: Histogram(
-                f"oodserve_{d.name}_score", f"{d.title} scores ({d.direction})",
-                buckets=score_buckets(manifest, d.name), registry=r)
+                f"oodserve_{d.name}_score", f"{d.title} scores ({d.direction})", MODEL_LABELS,
+                buckets=score_buckets(manifest, d.name), registry=r).labels(*model)
             for d in SERVED}
-        self.image_errors = Counter(
-            "oodserve_image_errors", "Images rejected, by reason", ["reason"], registry=r)
+        self.image_errors = _ForModel(Counter(
+            "oodserve_image_errors", "Images rejected, by reason", (*MODEL_LABELS, "reason"),
+            registry=r), model)
         self.model_info = Gauge(
             "oodserve_model_info", "The served model (value 1)",
             ["name", "version", "architecture", "selected_block", "device", "dtype"],
@@ -98,21 +121,77 @@ class Metrics:
             self.image_errors.labels(reason)
         self._manifest = manifest
 
-    def describe_model(self, device: str, dtype: str) -> None:
+    def describe_model(self, device: str, dtype: str, served: bool = True) -> None:
         """Set ``oodserve_model_info`` once the device is known (in the engine layout, a
-        worker learns it when it connects to the engine)."""
+        worker learns it when it connects to the engine); 0 once the version is no longer
+        served (reloaded away)."""
         m = self._manifest
         self.model_info.labels(m.name, m.version, m.architecture.name,
-                               m.featurenorm.selected_block, device, dtype).set(1)
+                               m.featurenorm.selected_block, device, dtype).set(int(served))
+
+    def mark_process_dead(self) -> None:
+        """Drop this process's live gauges (its counters stay, as Prometheus expects). At
+        the end of the process only: the files are the whole process's, every model's."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.mark_process_dead(os.getpid())
+
+
+class _Merged:
+    """The families of several registries as one collector, same-named ones merged."""
+
+    def __init__(self, registries: list[CollectorRegistry]):
+        self.registries = registries
+
+    def collect(self):
+        families = {}
+        for registry in self.registries:
+            for family in registry.collect():
+                kept = families.setdefault(family.name, family)
+                if kept is not family:
+                    kept.samples.extend(family.samples)
+        return families.values()
+
+
+class ServiceMetrics:
+    """The process's metrics: the HTTP series, model reloads, and each model's
+    :class:`Metrics` (:meth:`for_model`), written out by :meth:`render`."""
+
+    def __init__(self):
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "oodserve_requests", "HTTP requests by route template and status code",
+            ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram(
+            "oodserve_request_duration_seconds", "Time from request start to response end",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.model_reloads = Counter(
+            "oodserve_model_reloads", "Models reloaded by this process (loaded: a new or "
+            "changed bundle now serves; refused: it failed its checks and the old one keeps "
+            "serving; removed: no longer in the repository)", ["result"], registry=r)
+        for result in ("loaded", "refused", "removed"):
+            self.model_reloads.labels(result)
+        self._models: dict[tuple[str, str], Metrics] = {}
+
+    def for_model(self, manifest: Manifest) -> Metrics:
+        """The series of ``manifest``'s (name, version), made on first use. A bundle
+        changed without a new version keeps counting in the same series (and the buckets
+        of the first one), so that no series is ever written twice."""
+        key = (manifest.name, manifest.version)
+        if key not in self._models:
+            self._models[key] = Metrics(manifest)
+        return self._models[key]
 
     def render(self) -> bytes:
         if not self.multiprocess:
-            return generate_latest(self.registry)
+            return generate_latest(_Merged(
+                [self.registry, *(m.registry for m in self._models.values())]))
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
 
     def mark_process_dead(self) -> None:
-        """Drop this worker's live gauges (its counters stay, as Prometheus expects)."""
+        """At the end of the process: see :meth:`Metrics.mark_process_dead`."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())

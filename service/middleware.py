@@ -176,11 +176,9 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            engine = getattr(scope["app"].state, "engine", None)
-            if engine is not None:
-                route = scope.get("route")
-                # The template (/predict), never the raw path: label values stay bounded.
-                endpoint = getattr(route, "path", None) or "unmatched"
-                engine.metrics.requests.labels(endpoint, str(status)).inc()
-                engine.metrics.request_duration.labels(endpoint).observe(
-                    time.perf_counter() - start)
+            metrics = scope["app"].state.metrics
+            route = scope.get("route")
+            # The template (/predict), never the raw path: label values stay bounded.
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import multiprocessing
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 class Preflight(NamedTuple):
@@ -21,27 +23,29 @@ class Preflight(NamedTuple):
     cuda: bool  # whether the workers will run on CUDA
 
 
-def preflight(path: str, device: str, public_key: Path | None = None) -> Preflight:
-    """Check the bundle at ``path`` (its signature too, given ``public_key``) and where
-    ``device`` will run. Runs in the child."""
-    from training.bundle import BundleError, load_bundle
+def preflight(settings: Settings) -> Preflight:
+    """Check the bundles to serve (OODSERVE_BUNDLE, or the model repository; their
+    signatures too, given OODSERVE_BUNDLE_PUBLIC_KEY) and where OODSERVE_DEVICE will run.
+    Runs in the child."""
+    from service.model_registry import check_models, serving_what
+    from training.bundle import BundleError
     from training.runtime import select_device
 
     try:
-        load_bundle(path, public_key)
+        check_models(settings)
     except BundleError as exc:
-        return Preflight(f"cannot serve the bundle {path} (OODSERVE_BUNDLE): {exc}", False)
+        return Preflight(f"cannot serve {serving_what(settings)}: {exc}", False)
     try:
-        return Preflight(None, select_device(device).type == "cuda")
+        return Preflight(None, select_device(settings.device).type == "cuda")
     except ValueError as exc:
         return Preflight(f"OODSERVE_DEVICE: {exc}", False)
 
 
-def _report(answer: Connection, path: str, device: str, public_key: Path | None) -> None:
-    answer.send(preflight(path, device, public_key))
+def _report(answer: Connection, settings: Settings) -> None:
+    answer.send(preflight(settings))
 
 
-def preflight_in_child(path: str, device: str, public_key: Path | None = None) -> Preflight:
+def preflight_in_child(settings: Settings) -> Preflight:
     """:func:`preflight`, run in a fresh process that takes its memory with it. The child
     does not see a Ctrl-C (:func:`~service.workers.sigint_blocked`); this process does, and
     then stops the child at once instead of waiting for its check."""
@@ -49,7 +53,7 @@ def preflight_in_child(path: str, device: str, public_key: Path | None = None) -
 
     context = multiprocessing.get_context("spawn")
     receive, answer = context.Pipe(duplex=False)
-    child = context.Process(target=_report, args=(answer, path, device, public_key),
+    child = context.Process(target=_report, args=(answer, settings),
                             name="oodserve-preflight")
     try:
         with sigint_blocked():  # a SIGINT that came meanwhile is raised on leaving

@@ -44,6 +44,10 @@ class PredictParams(BaseModel):
     top_k: int | None = Field(
         None, ge=1, le=1000, description="classes listed in top_k (capped at the number "
                                          "of classes); default: OODSERVE_TOP_K")
+    model: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="the served model to ask, by name (404 for one not served); default: "
+                    "the default model (OODSERVE_DEFAULT_MODEL)")
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds given directly, by detector name."""
@@ -162,3 +166,27 @@ class ModelSummary(BaseModel):
     dtype: str
     max_batch_size: int
     max_batch_delay_ms: float
+
+
+class ModelReload(BaseModel):
+    """What a reload did to one model."""
+
+    name: str | None = Field(..., description="null: a directory whose manifest cannot "
+                                              "be read, so its model is not known")
+    result: Literal["loaded", "unchanged", "refused", "removed"] = Field(
+        ..., description="loaded: the new or changed bundle serves now; refused: it failed "
+                         "its checks (or would remove the default model) and what served "
+                         "before still does; removed: gone from the repository")
+    version: str | None = Field(..., description="the version serving now (null: removed)")
+    previous_version: str | None = Field(None, description="the version served before")
+    message: str | None = Field(None, description="why it was refused")
+
+
+class ReloadReport(BaseModel):
+    ok: bool = Field(..., description="false when any change was refused")
+    default_model: str
+    models: list[ModelReload]
+    other_workers: Literal["none", "signalled", "not_signalled"] = Field(
+        ..., description="none: this process is the only one; signalled: the supervisor "
+                         "was asked (SIGHUP) to reload the other workers, which they do "
+                         "after this answer; not_signalled: it could not be reached")

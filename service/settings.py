@@ -49,6 +49,15 @@ class Settings(BaseSettings):
                                       env_file_encoding="utf-8", extra="ignore")
 
     bundle: Path = Field(DEFAULT_BUNDLE, description="model bundle directory")
+    model_repository: Path | None = Field(
+        None, description="directory of bundles served at once: each subdirectory holding a "
+                          "manifest.json, addressed by the manifest's name (the highest "
+                          "version of a name; versions are dotted integers); unset: "
+                          "OODSERVE_BUNDLE alone. Not in the engine layout")
+    default_model: str | None = Field(
+        None, description="the model of requests that name none (no ?model=); default: "
+                          "OODSERVE_BUNDLE's model if the repository serves its name, else "
+                          "the repository's only model")
     bundle_public_key: Path | None = Field(
         None, description="Ed25519 public key (PEM file) the bundle must be signed with "
                           "(manifest.json.sig, python -m training sign): an unsigned or "
@@ -162,6 +171,11 @@ class Settings(BaseSettings):
 
             load_public_key(value)  # a key that cannot be read stops the start here
         return value
+
+    @field_validator("model_repository", "default_model", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # passed through empty (compose): unset
 
     def resolved_layout(self, cuda: bool) -> Literal["replicated", "engine"]:
         """``layout``, with ``auto`` decided. On a GPU one Python process cannot keep up

@@ -8,16 +8,17 @@ often end up on one worker while the others idle, and throughput drops according
 binds its own socket with ``SO_REUSEPORT`` and the kernel spreads new connections across
 the sockets by a hash of their addresses.
 
-The supervisor (this process) starts the workers, starts a new one in place of any that
-dies (after removing the dead one's live gauges from the shared metrics), and on SIGTERM or
+The supervisor (this process) starts the workers, starts a new one in place of any that dies
+(after removing the dead one's live gauges from the shared metrics), and on SIGTERM or
 SIGINT sends the workers SIGTERM and waits for them to finish the requests in flight
-(uvicorn's graceful shut-down). Every child process is started with SIGINT blocked
-(:func:`sigint_blocked`): a Ctrl-C reaches the whole process group, and a child that took
-it for itself would print a ``KeyboardInterrupt`` traceback if it came while the child was
-still starting, or stop before the supervisor told it to. The workers and the engine are
-handed the supervisor's resolved settings. In the engine layout it also runs the engine process
-(:mod:`service.engine_server`): first, before any worker, and last. It imports neither
-torch nor the app.
+(uvicorn's graceful shut-down); SIGHUP it sends on to every worker, which reloads its models
+(:mod:`service.reload`; not in the engine layout). Every child process is started with
+SIGINT blocked (:func:`sigint_blocked`): a Ctrl-C reaches the whole process group, and a
+child that took it for itself would print a ``KeyboardInterrupt`` traceback if it came while
+the child was still starting, or stop before the supervisor told it to. The workers and the
+engine are handed the supervisor's resolved settings. In the engine layout it also runs the
+engine process (:mod:`service.engine_server`): first, before any worker, and last. It
+imports neither torch nor the app.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def _worker(options: dict[str, Any], settings: Settings, engine_address: str | N
     from service.app import create_app
 
     stop_with(supervisor)
+    from service.reload import SUPERVISOR_ENV
+
+    os.environ[SUPERVISOR_ENV] = str(supervisor)  # POST /admin/reload asks it to reload all
 
     if engine_address is not None:
         from service.app import ENGINE_ADDRESS_ENV
@@ -248,10 +252,21 @@ def run_workers(count: int, options: dict[str, Any], engine: bool, settings: Set
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
+    def reload(_signum: int, _frame: object) -> None:
+        if engine:
+            log.warning("SIGHUP: reloading is not supported in the engine layout (the engine "
+                        "process hosts the model); restart the service to serve a new bundle")
+            return
+        log.info("SIGHUP: asking the %d workers to reload the models", len(workers))
+        for process in workers.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
     workers: dict[int, multiprocessing.Process] = {}
     started: dict[int, float] = {}
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     try:
         if engine:
             problem = start_engine()

@@ -125,13 +125,22 @@ async def predict_ok(client: httpx.AsyncClient, data: bytes, **params) -> dict:
     return response.json()
 
 
+MODEL_LABELS = ("model", "version")
+
+
 def metric(text: str, sample_name: str, /, **labels: str) -> float:
-    """Value of the sample ``name`` with exactly ``labels`` (0 when absent)."""
+    """Value of the sample ``name`` with exactly ``labels`` (0 when absent). The labels of a
+    model's series (``model``, ``version``), unless given, are summed over, as a query that
+    aggregates them away would."""
+    total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == sample_name and sample.labels == labels:
-                return sample.value
-    return 0.0
+            if sample.name != sample_name:
+                continue
+            ignored = [k for k in MODEL_LABELS if k not in labels]
+            if {k: v for k, v in sample.labels.items() if k not in ignored} == labels:
+                total += sample.value
+    return total
 
 
 async def metrics_text(client: httpx.AsyncClient) -> str:

@@ -198,7 +198,8 @@ async def test_openapi_documents_the_predict_contract(client):
     assert {"score", "threshold", "threshold_source", "is_ood", "block"} <= set(
         schemas["FeatureNormResult"]["properties"])
     query = {p["name"] for p in post["parameters"] if p["in"] == "query"}
-    assert query == {"energy_threshold", "featurenorm_threshold", "tpr", "decision", "top_k"}
+    assert query == {"energy_threshold", "featurenorm_threshold", "tpr", "decision", "top_k",
+                     "model"}
     body_ref = post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     body = schemas[body_ref.rsplit("/", 1)[1]]
     assert body["required"] == ["image"]

@@ -48,7 +48,9 @@ async def unbatched(tiny_bundle):
 
 def batch_stats(text: str) -> tuple[float, float]:
     """(number of forward passes, images in them)."""
-    return (metric(text, "oodserve_batch_size_count"), metric(text, "oodserve_batch_size_sum"))
+    labels = {"model": "test-resnet20", "version": "0.0.0"}  # the tiny bundle's series
+    return (metric(text, "oodserve_batch_size_count", **labels),
+            metric(text, "oodserve_batch_size_sum", **labels))
 
 
 async def test_concurrent_requests_share_one_forward_pass_and_keep_their_scores(
@@ -166,7 +168,7 @@ async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
         first = asyncio.create_task(predict(client, png(noise_image(1))))
         await wait_until(gate.entered.is_set)  # first is in the forward pass
         second = asyncio.create_task(predict(client, png(noise_image(2))))
-        batcher = client.app.state.engine.scorer.batcher
+        batcher = client.app.state.models.served().engine.scorer.batcher
         await wait_until(lambda: len(batcher._pending) == 1)  # queued
 
         started = time.perf_counter()

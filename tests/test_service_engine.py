@@ -13,6 +13,7 @@ from multiprocessing import Pipe
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
 from service_helpers import metric, metrics_text, noise_image, png, predict, predict_ok, serve
 from service_helpers import settings as app_settings
 
@@ -84,7 +85,7 @@ async def test_a_worker_gets_evaluations_scores_from_the_engine(tiny_bundle, eng
                                want.of("msp"), rtol=RTOL)
     assert [r["class_index"] for r in served] == want.pred.tolist()
     assert model_info == 1.0
-    registry_text = engine.server.metrics.render().decode()
+    registry_text = generate_latest(engine.server.metrics.registry).decode()
     passes = metric(registry_text, "oodserve_batch_size_count")
     assert metric(registry_text, "oodserve_batch_size_sum") == 24
     assert passes < 24

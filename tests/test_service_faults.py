@@ -71,7 +71,7 @@ async def test_a_failed_forward_pass_fails_only_its_batch_with_a_logged_error_id
                         lambda self, images: failing(self, images))
     app_settings = settings(tiny_bundle, max_batch_size=2, max_batch_delay_ms=0)
     async with serve(app_settings) as client:
-        pending = client.app.state.engine.scorer.batcher._pending
+        pending = client.app.state.models.served().engine.scorer.batcher._pending
         failing.arm()
         send = lambda seed: asyncio.create_task(predict(client, png(noise_image(seed))))
         first = send(1)  # forward pass 1, held at the gate
@@ -119,7 +119,7 @@ async def test_an_unexpected_error_gets_an_id_in_the_log(tiny_bundle, monkeypatc
         def broken(*args, **kwargs):
             raise ValueError("simulated bug")
 
-        monkeypatch.setattr(client.app.state.engine, "_prediction", broken)
+        monkeypatch.setattr(client.app.state.models.served().engine, "_prediction", broken)
         with caplog.at_level(logging.ERROR, logger="oodserve"):
             response = await predict(client, png(noise_image(1)))
         assert response.status_code == 500
@@ -377,4 +377,4 @@ async def test_a_bad_bundle_at_start_is_refused_and_logged(bundle_copy, caplog):
         async with app.router.lifespan_context(app):
             pass
     assert "cannot serve the bundle" in caplog.text and "does not match" in caplog.text
-    assert app.state.engine is None  # nothing was ever served
+    assert app.state.models is None  # nothing was ever served

@@ -9,6 +9,9 @@ from training.bundle import load_bundle
 
 pytestmark = pytest.mark.anyio
 
+# The labels of the tiny bundle's series (tests/conftest.py: make_bundle).
+MODEL = {"model": "test-resnet20", "version": "0.0.0"}
+
 
 @pytest.fixture(scope="module")
 async def client(tiny_bundle):
@@ -37,8 +40,10 @@ async def test_exposition_format_and_names(client, tiny_bundle):
                   architecture="resnet20", selected_block=m.featurenorm.selected_block,
                   device="cpu", dtype="float32") == 1
     # Series for every detector exist from the start, so rate() never sees one appear.
+    decisions = [s.labels for s in families["oodserve_ood_decisions"].samples
+                 if s.name == "oodserve_ood_decisions_total"]
     for detector in ("energy", "featurenorm", "combined"):
-        assert f'oodserve_ood_decisions_total{{detector="{detector}"}}' in text
+        assert {**MODEL, "detector": detector} in decisions
     assert "_created" not in text
 
 
@@ -50,26 +55,29 @@ async def test_metrics_move_with_predictions(client):
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert delta("oodserve_predictions_total") == 3
+    def model_delta(name, **labels):  # a series of the model: with its name and version
+        return delta(name, **MODEL, **labels)
+
+    assert model_delta("oodserve_predictions_total") == 3
     assert delta("oodserve_requests_total", endpoint="/predict", status="200") == 3
     assert delta("oodserve_request_duration_seconds_count", endpoint="/predict") == 3
-    assert delta("oodserve_queue_wait_seconds_count") == 3
-    assert delta("oodserve_batch_size_sum") == 3
-    assert delta("oodserve_inference_duration_seconds_count") == delta(
+    assert model_delta("oodserve_queue_wait_seconds_count") == 3
+    assert model_delta("oodserve_batch_size_sum") == 3
+    assert model_delta("oodserve_inference_duration_seconds_count") == model_delta(
         "oodserve_batch_size_count") >= 1
     for detector in ("energy", "featurenorm"):
-        assert delta(f"oodserve_{detector}_score_count") == 3
-        assert delta("oodserve_ood_decisions_total", detector=detector) == sum(
+        assert model_delta(f"oodserve_{detector}_score_count") == 3
+        assert model_delta("oodserve_ood_decisions_total", detector=detector) == sum(
             b[detector]["is_ood"] for b in bodies)
     # Energies are negative: prometheus_client gives that histogram no _sum.
-    assert delta("oodserve_featurenorm_score_sum") == pytest.approx(
+    assert model_delta("oodserve_featurenorm_score_sum") == pytest.approx(
         sum(b["featurenorm"]["score"] for b in bodies), rel=1e-6)
     energies = sorted(b["energy"]["score"] for b in bodies)
     bound = next(float(s.labels["le"]) for f in text_string_to_metric_families(after)
                  if f.name == "oodserve_energy_score" for s in f.samples
                  if s.name.endswith("_bucket") and float(s.labels["le"]) >= energies[-1])
-    assert delta("oodserve_energy_score_bucket", le=_le(bound)) == 3
-    assert delta("oodserve_ood_decisions_total", detector="combined") == sum(
+    assert model_delta("oodserve_energy_score_bucket", le=_le(bound)) == 3
+    assert model_delta("oodserve_ood_decisions_total", detector="combined") == sum(
         b["is_ood"] for b in bodies)
 
 

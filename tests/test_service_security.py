@@ -318,7 +318,7 @@ async def test_no_request_data_in_the_logs(tiny_bundle, monkeypatch, all_logs):
         statuses = await send_marked_requests(client)
         assert 500 in statuses
         monkeypatch.setattr(Predictor, "__call__", forward)
-        monkeypatch.setattr(client.app.state.engine, "_prediction", broken)
+        monkeypatch.setattr(client.app.state.models.served().engine, "_prediction", broken)
         statuses = await send_marked_requests(client)
         assert 500 in statuses
     text = formatted(all_logs)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.routers.deps import EngineDep, readiness
+from service.routers.deps import engine_for, readiness
 from service.schemas import CalibrationSummary, Health, ModelSummary, Readiness
 
 router = APIRouter(tags=["health"])
@@ -28,7 +30,10 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/model", response_model=ModelSummary, summary="What is being served")
-async def model(engine: EngineDep) -> ModelSummary:
+async def model(request: Request, model: Annotated[str | None, Query(
+        max_length=200, description="a served model's name; default: the default model")] = None
+                ) -> ModelSummary:
+    engine = await engine_for(request, model)
     m = engine.manifest
     return ModelSummary(
         name=m.name, version=m.version, created=m.created, architecture=m.architecture.name,

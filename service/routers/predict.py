@@ -30,7 +30,7 @@ from service.decoding import RequestTooLarge
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ServiceError
 from service.middleware import START_KEY
-from service.routers.deps import EngineDep
+from service.routers.deps import engine_for
 from service.schemas import (
     BatchItem,
     BatchResponse,
@@ -145,8 +145,8 @@ async def predict(
     request: Request,
     image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF")],
     params: Annotated[PredictParams, Depends(params_dependency("image", single=True))],
-    engine: EngineDep,
 ) -> Response:
+    engine = await engine_for(request, params.model)
     prediction = await engine.predict(await image.read(), _policy(engine, params),
                                       _top_k(engine, params))
     return _json(PredictResponse(**dict(prediction), model=engine.model_ref,
@@ -160,8 +160,8 @@ async def predict_batch(
     request: Request,
     images: Annotated[list[UploadFile], File(description="one part per image, in order")],
     params: Annotated[PredictParams, Depends(params_dependency("images", single=False))],
-    engine: EngineDep,
 ) -> Response:
+    engine = await engine_for(request, params.model)
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
     policy, top_k = _policy(engine, params), _top_k(engine, params)
