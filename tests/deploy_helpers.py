@@ -34,6 +34,8 @@ OOD_RATE_PANEL = "OOD rate per detector"
 PROMETHEUS_BUILTINS = {"up", "ALERTS"}
 # Grafana's macros, replaced by a duration when a query is checked outside Grafana.
 GRAFANA_RANGES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+# The dashboard's own template variable (its models), in the queries as $model.
+MODEL_VARIABLE = "model"
 
 
 def tool(name: str) -> str:
@@ -88,9 +90,19 @@ def ood_rate_query() -> str:
     return next(t["expr"] for t in panel["targets"] if "{{detector}}" in t["legendFormat"])
 
 
+def grafana_variables() -> dict[str, dict]:
+    """The dashboard's template variables by name."""
+    return {v["name"]: v for v in dashboard()["templating"]["list"]}
+
+
 def without_grafana_macros(expr: str) -> str:
+    """The query as Grafana sends it to Prometheus with every template variable at "All"
+    (its ``allValue``), the range macros replaced by durations."""
     for macro, value in GRAFANA_RANGES.items():
         expr = expr.replace(macro, value)
+    for name, variable in grafana_variables().items():
+        for form in (f"${{{name}}}", f"${name}"):
+            expr = expr.replace(form, variable["allValue"])
     return expr
 
 

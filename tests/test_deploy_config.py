@@ -19,6 +19,7 @@ from deploy_helpers import (
     DEPLOY_TOOLS,
     DOCKERFILE,
     GRAFANA_DIR,
+    MODEL_VARIABLE,
     OOD_RATE_PANEL,
     PROMETHEUS_BUILTINS,
     PROMETHEUS_CONFIG,
@@ -29,6 +30,7 @@ from deploy_helpers import (
     compose,
     dashboard,
     dashboard_queries,
+    grafana_variables,
     interpolate,
     load_yaml,
     metric_names,
@@ -334,8 +336,57 @@ def test_dashboard_shows_what_the_issue_asks_for():
         assert wanted in titles, wanted
     assert OOD_RATE_PANEL.lower() in titles
     # The OOD rate is the recorded series the OODServeOODRateHigh alert watches.
-    assert ood_rate_query() == "oodserve:ood_rate:ratio_rate5m"
-    assert ood_rate_query() in recorded()
+    assert metric_names(ood_rate_query()) == {"oodserve:ood_rate:ratio_rate5m"}
+    assert "oodserve:ood_rate:ratio_rate5m" in recorded()
+
+
+# Series that mean something only per model: each model's score buckets are its own (quantiles
+# of its own calibration ID scores), and its OOD decisions are taken at its own thresholds.
+PER_MODEL = re.compile(r"\b(?:oodserve_\w+_score_bucket|oodserve_ood_decisions_total"
+                       r"|oodserve:ood_rate:ratio_rate5m)\b")
+AGGREGATION = re.compile(r"\b(?:sum|avg|min|max|count|group|stddev|stdvar|topk|bottomk|quantile)"
+                         r"\s*(?:(by|without)\s*\(([^)]*)\))?\s*\(")
+
+
+def test_per_model_series_are_never_added_up_across_models():
+    """Adding up the score buckets of models whose bounds differ gives a meaningless
+    histogram, and one model's OOD rate diluted by another model's traffic hides its drift:
+    every aggregation in a rule or panel that reads a per-model series keeps `model`; every
+    such panel follows the dashboard's model selector and names the model, in its legend or
+    by being repeated once per model."""
+    expressions = [(f"rule {r.get('record') or r.get('alert')}", r["expr"], None, None)
+                   for r in rules()]
+    expressions += [(f"panel {p['title']!r}", t["expr"], p, t) for p in dashboard()["panels"]
+                    for t in p["targets"]]
+    per_model = [e for e in expressions if PER_MODEL.search(e[1])]
+    for where, expr, panel, target in per_model:
+        for m in AGGREGATION.finditer(expr):
+            mode, labels = m.groups()
+            assert mode == "by" and "model" in {x.strip() for x in labels.split(",")}, (
+                where, m.group())
+        if panel is not None:
+            assert f'model=~"${MODEL_VARIABLE}"' in expr, where
+            assert ("{{model}}" in target["legendFormat"]
+                    or panel.get("repeat") == MODEL_VARIABLE), where
+    panels = {where for where, _, panel, _ in per_model if panel is not None}
+    assert {"panel 'OOD rate per detector'", "panel 'Energy quantiles'",
+            "panel 'FeatureNorm quantiles'"} <= panels
+    # The heatmaps show one model each: one panel per model.
+    heatmaps = [p for p in dashboard()["panels"] if p["type"] == "heatmap"
+                and any(PER_MODEL.search(t["expr"]) for t in p["targets"])]
+    assert len(heatmaps) == 2
+    assert all(p["repeat"] == MODEL_VARIABLE and f"${MODEL_VARIABLE}" in p["title"]
+               for p in heatmaps)
+    variable = grafana_variables()[MODEL_VARIABLE]
+    assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+
+
+def test_the_per_model_check_catches_a_sum_across_models():
+    summed = "histogram_quantile(0.5, sum by (le) (rate(oodserve_energy_score_bucket[5m])))"
+    bare = "sum(rate(oodserve_ood_decisions_total[5m]))"
+    kept = "sum by (model, le) (rate(oodserve_energy_score_bucket[5m]))"
+    found = {e: [m.groups() for m in AGGREGATION.finditer(e)] for e in (summed, bare, kept)}
+    assert found == {summed: [("by", "le")], bare: [(None, None)], kept: [("by", "model, le")]}
 
 
 def test_every_dashboard_query_is_valid_promql(tmp_path):
@@ -365,7 +416,14 @@ async def test_every_metric_the_dashboard_and_rules_read_is_exported(tiny_bundle
     async with serve(settings(tiny_bundle, max_batch_delay_ms=0)) as client:
         await predict_ok(client, png(noise_image(1)))
         text = await metrics_text(client)
-    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    exported = {s.name for s in samples}
+    # The model selector's values: a label of a series the service exports from the start.
+    query = grafana_variables()[MODEL_VARIABLE]["query"]["query"]
+    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", query).groups()
+    assert label == "model"
+    assert {s.labels.get(label) for s in samples if s.name == metric} == {
+        json.loads((tiny_bundle / "manifest.json").read_text())["name"]}
     record = recorded()
     expressions = [(f"dashboard panel {title!r}", e) for title, e in dashboard_queries()]
     expressions += [(f"rule {r.get('record') or r.get('alert')}", r["expr"]) for r in rules()]

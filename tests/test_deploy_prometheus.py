@@ -2,9 +2,10 @@
 a real Prometheus server with the repository's configuration and rules (only the targets and
 the intervals rewritten), a known mix of in-distribution images (CIFAR-10 test) and OOD images
 (Gaussian noise, iSUN); Prometheus's answer to the dashboard's OOD-rate query must be the OOD
-share the clients were told, per detector."""
+share the clients were told, per detector, for the model that scored them."""
 
 import io
+import json
 import os
 import random
 import shutil
@@ -26,6 +27,7 @@ from deploy_helpers import (
     promtool,
     recorded,
     tool,
+    without_grafana_macros,
 )
 from PIL import Image
 from service_helpers import free_port
@@ -213,11 +215,15 @@ def test_prometheus_reports_the_ood_rate_the_clients_saw(stack, cache_dir):
                     query(prometheus, "sum by (instance) (oodserve_predictions_total)")}
     assert sorted(per_instance.values()) == sorted(per_replica)
 
-    # The dashboard's query, as the dashboard sends it, and the expression it records.
-    dashboard_query = ood_rate_query()
-    for expr in (dashboard_query, recorded()[dashboard_query]):
-        got = {r["metric"]["detector"]: float(r["value"][1]) for r in query(prometheus, expr)}
-        assert set(got) == set(DETECTORS), (expr, got)
+    # The dashboard's query, as the dashboard sends it (all models), and the expression it
+    # records: one series per detector, of the one model served.
+    model = json.loads((stack["bundle"] / "manifest.json").read_text())["name"]
+    dashboard_query = without_grafana_macros(ood_rate_query())
+    for expr in (dashboard_query, recorded()["oodserve:ood_rate:ratio_rate5m"]):
+        result = query(prometheus, expr)
+        assert {r["metric"]["model"] for r in result} == {model}, (expr, result)
+        got = {r["metric"]["detector"]: float(r["value"][1]) for r in result}
+        assert set(got) == set(DETECTORS) and len(result) == len(DETECTORS), (expr, got)
         for detector in DETECTORS:
             # rate() extrapolates each replica's increase from its last sample to the
             # evaluation time (less than one interval, over samples that span the whole
