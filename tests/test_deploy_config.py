@@ -3,6 +3,7 @@
 Specification's JSON schema and against each other, the Dockerfile, and the Grafana dashboard
 (valid, every query parses, every metric it reads is one the service exports)."""
 
+import base64
 import json
 import re
 import subprocess
@@ -93,6 +94,45 @@ def test_scrape_job_finds_every_replica_of_the_compose_service():
     assert sd["names"] == ["oodserve"] and "oodserve" in compose()["services"]
     # The rules' `up{job="oodserve"}` names this job.
     assert 'job="oodserve"' in alerts()["OODServeTargetDown"]["expr"]
+
+
+def prediction_endpoints(expr: str) -> str:
+    """The one ``endpoint=~"..."`` pattern of a rule."""
+    (pattern,) = set(re.findall(r'endpoint=~"([^"]+)"', expr))
+    return pattern
+
+
+@pytest.mark.anyio
+async def test_the_rules_count_every_route_that_scores_images(tiny_bundle):
+    """The error-rate and latency rules select the prediction requests by their `endpoint`
+    label, the route template: the pattern names exactly the labels that requests to /predict,
+    /predict/batch and the Open Inference Protocol's infer (with and without a version) get,
+    matched anchored as PromQL's =~ does, and no other route's."""
+    (pattern,) = {prediction_endpoints(recorded()[name]) for name in (
+        "oodserve:request_errors:ratio_rate5m", "oodserve:request_duration_seconds:p99_rate5m")}
+    async with serve(settings(tiny_bundle, max_batch_delay_ms=0)) as client:
+        name = (await client.get("/v1/model")).json()["name"]
+        version = (await client.get(f"/v2/models/{name}")).json()["versions"][-1]
+        image = png(noise_image(1))
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                            "data": [base64.b64encode(image).decode()]}]}
+        for path in (f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{version}/infer"):
+            assert (await client.post(path, json=body)).status_code == 200, path
+        await predict_ok(client, image)
+        batch = await client.post("/predict/batch", files=[("images", ("a.png", image))])
+        assert batch.status_code == 200, batch.text
+        assert (await client.get(f"/v2/models/{name}/ready")).status_code == 200
+        text = await metrics_text(client)
+    labels = {s.labels["endpoint"] for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "oodserve_requests_total"}
+    scoring = {"/predict", "/predict/batch", "/v2/models/{name}/infer",
+               "/v2/models/{name}/versions/{version}/infer"}
+    assert scoring <= labels and len(labels - scoring) >= 3, labels  # readiness, metadata, ...
+    assert {e for e in labels if re.fullmatch(pattern, e)} == scoring
+    assert set(pattern.split("|")) == scoring
+    # The latency alert compares the routes of single requests and OIP's, not /predict/batch.
+    latency = prediction_endpoints(alerts()["OODServeLatencyHigh"]["expr"])
+    assert set(latency.split("|")) == scoring - {"/predict/batch"}
 
 
 # --- compose -----------------------------------------------------------------------------
