@@ -73,11 +73,13 @@ def _settings(argv: Sequence[str] = ()) -> Settings:
     try:
         return Settings(_cli_settings_source=cli(args=list(argv)))
     except ValidationError as exc:
-        problems: dict[str, list[str]] = {}
-        for error in exc.errors():
-            problems.setdefault(str(error["loc"][0]), []).append(error["msg"])
-        lines = [f"  --{name.replace('_', '-')} / OODSERVE_{name.upper()}: "
-                 + "; ".join(dict.fromkeys(messages)) for name, messages in problems.items()]
+        problems: dict[str | None, list[str]] = {}
+        for error in exc.errors():  # no loc: a rule between settings (a model validator)
+            problems.setdefault(str(error["loc"][0]) if error["loc"] else None,
+                                []).append(error["msg"])
+        lines = [(f"  --{name.replace('_', '-')} / OODSERVE_{name.upper()}: " if name
+                  else "  ") + "; ".join(dict.fromkeys(messages))
+                 for name, messages in problems.items()]
         sys.exit("oodserve: invalid settings:\n" + "\n".join(lines))
 
 

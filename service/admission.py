@@ -72,11 +72,18 @@ class Scorer(Protocol):
 class Admission:
     """The places of one scorer's queue: what is admitted and not yet done."""
 
-    def __init__(self, scorer: Scorer, max_queued: int, max_wait_s: float):
+    def __init__(self, scorer: Scorer, max_queued: int, max_wait_s: float, sharers: int = 1):
         self.scorer = scorer
         self.max_queued = max_queued
         self.max_wait_s = max_wait_s
+        # Processes whose images share the scorer's batches (the workers, in the engine
+        # layout): this process's part of a full batch is its share of one.
+        self.sharers = sharers
         self.outstanding = 0  # admitted images not yet done
+
+    def full_batch(self) -> int:
+        """This process's images in a full forward pass."""
+        return max(1, self.scorer.max_batch_size // self.sharers)
 
     def expected_wait_s(self, images: int) -> float | None:
         """How long the last of ``images`` more would wait (None: nothing measured yet)."""
@@ -92,7 +99,7 @@ class Admission:
                              f"{self.max_queued})")
         wait = self.expected_wait_s(images)
         if (wait is not None and wait > self.max_wait_s
-                and self.outstanding + images > self.scorer.max_batch_size):
+                and self.outstanding + images > self.full_batch()):
             raise Overloaded(self._retry_after(), f"the expected wait ({wait:.1f} s) is over "
                              f"OODSERVE_MAX_QUEUE_WAIT_MS ({self.max_wait_s * 1000:g} ms)")
         self.outstanding += images
@@ -105,6 +112,8 @@ class Admission:
 
     def _release(self, held: list[int], images: int) -> None:
         images = min(images, held[0])
+        if not images:  # nothing to give back: above all, no write from the finalizer's thread
+            return
         held[0] -= images
         self.outstanding -= images
 

@@ -8,7 +8,7 @@ after a restart, or would come back serving something else, so ``/readyz`` says 
 call compares the manifest and weights files' ``stat`` with the last check's, and when they
 changed reads the manifest again and hashes the weights; anything but the served bundle
 makes ``/readyz`` answer 503 with the reason (and logs it once), until the files are
-restored or the service is restarted on the new ones. With a public key
+restored or the service is reloaded or restarted on the new ones. With a public key
 (``OODSERVE_BUNDLE_PUBLIC_KEY``) the signature file is watched too, and a manifest whose
 signature no longer verifies is not the served bundle either. The reason ``/readyz`` gives names
 files relative to the bundle and no hashes (``/readyz`` is open to anyone); the log line
@@ -71,7 +71,8 @@ class BundleCheck:
         if on_disk != self.manifest:
             return (f"{manifest_file.name} changed since the bundle was loaded (now "
                     f"{on_disk.name} {on_disk.version}, serving {self.manifest.name} "
-                    f"{self.manifest.version}); restart to serve the new one")
+                    f"{self.manifest.version}); reload (SIGHUP, POST /admin/reload) or restart "
+                    "to serve the new one")
         if self.public_key is not None:
             try:
                 verify_manifest(self.path, data, self.public_key)

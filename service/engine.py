@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +36,7 @@ from service.schemas import (
     FeatureNormResult,
     ModelRef,
     Prediction,
+    PredictParams,
 )
 from service.settings import Settings
 from service.thresholds import Decisions, Policy, Threshold, resolve_policy
@@ -42,6 +44,7 @@ from training.bundle import Bundle
 from training.detectors import SERVED, Detector
 
 log = logging.getLogger("oodserve")
+R = TypeVar("R")
 
 
 class LocalScorer:
@@ -103,6 +106,22 @@ class RequestDecoding:
         """The request is over: the places of its images that never ran are free again."""
         self.reservation.close()
 
+    async def gather(self, jobs: list[Coroutine[Any, Any, R]]) -> list[R]:
+        """Run the request's per-image ``jobs`` together and close the request. If one
+        fails, the request has failed: the others are cancelled, so that their images are
+        neither decoded nor scored (those still queued are dropped by the batcher, whose
+        futures are cancelled), and the error goes on."""
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self.close()
+
 
 class Engine:
     def __init__(self, settings: Settings, bundle: Bundle, engine_address: Path | None = None,
@@ -122,8 +141,10 @@ class Engine:
             size = self.manifest.preprocessing.input_size
             self.scorer = EngineClient(engine_address, settings.max_queue_size, (3, size, size),
                                        len(self.manifest.classes))
+        workers = settings.workers if isinstance(settings.workers, int) else 1
         self.admission = Admission(self.scorer, settings.max_queue_size,
-                                   settings.max_queue_wait_ms / 1000.0)
+                                   settings.max_queue_wait_ms / 1000.0,
+                                   sharers=1 if engine_address is None else workers)
         self.decoder = Decoder(self.manifest.preprocessing, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers(),
                                                thread_name_prefix="oodserve-decode")
@@ -153,9 +174,11 @@ class Engine:
             log.exception("warm-up failed")
             self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
             return
-        # Everything alive now (torch, the model, the app) lives as long as the process.
-        # Moving it out of the garbage collector's reach stops every full collection from
-        # walking it, which cut the tail latency under load (docs/benchmarks.md).
+        # Everything alive now (torch, the model, the app) lives until the process ends or a
+        # reload retires this engine (the registry then thaws, collects and freezes again:
+        # service/model_registry.py). Out of the garbage collector's reach, it is not walked
+        # by every full collection, which cut the tail latency under load
+        # (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
         await asyncio.to_thread(self.bundle_check.check)  # the first check hashes the weights
@@ -181,12 +204,25 @@ class Engine:
         return RequestDecoding(self.admission.admit(images), self.settings.max_request_pixels,
                                self.decodes_per_request)
 
+    def policy_for(self, params: PredictParams) -> Policy:
+        """The thresholds and rule a request's parameters ask for (the bundle's when none)."""
+        thresholds = params.thresholds()
+        if not thresholds and params.tpr is None and params.decision is None:
+            return self.default_policy
+        return resolve_policy(self.manifest, thresholds, tpr=params.tpr,
+                              decision=params.decision)
+
     async def predict(self, data: bytes, policy: Policy, top_k: int,
                       decoding: RequestDecoding | None = None) -> Prediction:
         """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made
         (:class:`~service.decoding.RequestTooLarge`: the request's pixel budget is spent)."""
+        if decoding is None:  # a request of this one image: its places end with it
+            own = self.request_decoding()
+            try:
+                return await self.predict(data, policy, top_k, own)
+            finally:
+                own.close()
         loop = asyncio.get_running_loop()
-        decoding = decoding or self.request_decoding()
         with decoding.image():
             try:
                 async with decoding.slots:

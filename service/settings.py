@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The default model: a directory of models/ (the one place that names it).
@@ -176,6 +176,16 @@ class Settings(BaseSettings):
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if value == "" else value  # passed through empty (compose): unset
+
+    @model_validator(mode="after")
+    def _a_batch_fits_the_queue(self) -> Settings:
+        # A request is admitted whole or not at all (service/admission.py): one with more
+        # images than the queue holds would be told to retry forever.
+        if self.max_batch_images > self.max_queue_size:
+            raise ValueError(f"max_batch_images ({self.max_batch_images}) is more than "
+                             f"max_queue_size ({self.max_queue_size}): a full batch request "
+                             "could never be admitted")
+        return self
 
     def resolved_layout(self, cuda: bool) -> Literal["replicated", "engine"]:
         """``layout``, with ``auto`` decided. On a GPU one Python process cannot keep up

@@ -12,6 +12,7 @@ import torch
 from conftest import RESNET20, SHARED, make_bundle, tiny_config
 from safetensors.torch import save_file
 
+import training.bundle
 from training.bundle import BundleError, export_bundle, load_bundle
 from training.calibration import (
     calibrate,
@@ -131,7 +132,18 @@ BAD_BUNDLES = [
     ("bad quantiles", lambda p: _edit_manifest(
         p, lambda m: m["calibration"]["energy"]["quantiles"].update(values=[0.0] * 1000)),
      "same length"),
+    ("flipped direction", lambda p: _edit_manifest(
+        p, lambda m: (m["calibration"]["energy"].update(higher_is_id=True),
+                      m["calibration"]["energy"]["quantiles"].update(higher_is_id=True))),
+     "higher_is_id contradicts"),
+    ("not safetensors", lambda p: _reweigh_bytes(p, b"\0" * 64), "unreadable safetensors"),
 ]
+
+
+def _reweigh_bytes(path, data):
+    (path / "model.safetensors").write_bytes(data)
+    _edit_manifest(path, lambda m: m["weights"].update(sha256=file_sha256(
+        path / "model.safetensors")))
 
 
 @pytest.mark.parametrize("name,damage,message", BAD_BUNDLES, ids=[b[0] for b in BAD_BUNDLES])
@@ -142,6 +154,26 @@ def test_a_bad_bundle_is_refused_with_what_is_wrong(tiny_bundle, tmp_path, name,
     with pytest.raises(BundleError) as info:
         load_bundle(bundle)
     assert message in str(info.value)
+
+
+def test_the_weights_loaded_are_the_bytes_hashed(tiny_bundle, tmp_path, monkeypatch):
+    """Weights swapped on disk right after their hash was computed (a signed manifest pins
+    that hash) are not what gets served: the hashed bytes are."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    original = load_bundle(bundle).model.state_dict()
+    other = {k: (v + 1 if v.is_floating_point() else v).contiguous()
+             for k, v in original.items()}
+    real_sha256 = training.bundle.hashlib.sha256
+
+    def sha256_then_swap(*data):
+        digest = real_sha256(*data)
+        save_file(other, str(bundle / "model.safetensors"))
+        return digest
+
+    monkeypatch.setattr(training.bundle.hashlib, "sha256", sha256_then_swap)
+    loaded = load_bundle(bundle).model.state_dict()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
 
 
 def test_export_never_leaves_a_half_written_bundle(tiny_bundle, tmp_path):

@@ -87,6 +87,19 @@ def test_the_time_bound_refuses_what_would_wait_too_long():
     assert refused(slow, 1).headers == {"Retry-After": "5"}  # 50 images at 10/s
 
 
+def test_workers_sharing_a_batch_each_count_their_share_of_it():
+    """In the engine layout the workers fill one engine's batches (of 1024 on CUDA, as many
+    as the queue holds): the time bound applies past a worker's share of a batch, not past
+    the whole batch, which a worker's own images alone would never exceed."""
+    shared = Admission(scorer(rate=100.0, batch=1024), max_queued=1024, max_wait_s=0.5,
+                       sharers=8)
+    held = shared.admit(128)  # a full share: 1.28 s, but one forward pass
+    assert "OODSERVE_MAX_QUEUE_WAIT_MS" in refused(shared, 1).message
+    alone = Admission(scorer(rate=100.0, batch=1024), max_queued=1024, max_wait_s=0.5)
+    held = [held, alone.admit(1000)]  # 10 s of wait, admitted: under one batch of its own
+    assert alone.outstanding == 1000
+
+
 def test_places_are_given_back_once_and_at_the_latest_when_the_request_is_gone():
     admission = Admission(scorer(), max_queued=100, max_wait_s=1.0)
     reservation = admission.admit(5)
@@ -186,7 +199,7 @@ async def test_a_batch_that_does_not_fit_is_refused_whole_before_decoding(tiny_b
     monkeypatch.setattr(Predictor, "__call__", gate.wrap(Predictor.__call__))
     # One image in the forward pass and three waiting: the queue of 4 has room for one.
     app_settings = settings(tiny_bundle, max_batch_size=1, max_batch_delay_ms=0,
-                            max_queue_size=4)
+                            max_queue_size=4, max_batch_images=4)
     async with serve(app_settings) as client:
         await check_whole_batch_admission(client, gate, decoded, queue=4)
 
@@ -198,7 +211,7 @@ async def test_the_engine_layout_admits_a_batch_whole_too(tiny_bundle, tmp_path,
     monkeypatch.setattr(engine.server.predictor, "run", gate.wrap(engine.server.predictor.run))
     try:
         # A worker's images in flight, the one being scored included, count.
-        async with serve(settings(tiny_bundle, max_queue_size=3),
+        async with serve(settings(tiny_bundle, max_queue_size=3, max_batch_images=3),
                          engine_address=engine.address) as client:
             await check_whole_batch_admission(client, gate, decoded, queue=3)
     finally:
@@ -259,7 +272,7 @@ async def test_without_load_nothing_is_refused_and_no_place_is_kept(tiny_bundle)
     """Requests one after the other, good and bad (a corrupt image in a batch, a batch over
     its pixel budget, an undecodable single image), with a queue of 4 images: none is
     refused for load, and every place comes back."""
-    app_settings = settings(tiny_bundle, max_queue_size=4, max_queue_wait_ms=1,
+    app_settings = settings(tiny_bundle, max_queue_size=4, max_batch_images=4, max_queue_wait_ms=1,
                             max_request_pixels=3 * 64 * 64)
     async with serve(app_settings) as client:
         for _ in range(3):

@@ -162,7 +162,7 @@ def gate(monkeypatch) -> Gate:
 
 async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
     app_settings = settings(tiny_bundle, max_batch_size=1, max_batch_delay_ms=0,
-                            max_queue_size=1)
+                            max_queue_size=1, max_batch_images=1)
     async with serve(app_settings) as client:
         gate.close()
         first = asyncio.create_task(predict(client, png(noise_image(1))))

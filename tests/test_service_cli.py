@@ -80,6 +80,16 @@ def test_a_bad_flag_value_names_the_flag_and_the_variable(tmp_path, monkeypatch)
     assert "Traceback" not in result.stderr
 
 
+def test_a_batch_request_larger_than_the_queue_is_refused_at_start(tmp_path, monkeypatch):
+    """A request is admitted whole: with more images per batch request than the queue
+    holds, a full batch request would get 503 for ever, so the settings are refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        _settings(["--max-queue-size", "8", "--max-batch-images", "9"])
+    assert "max_batch_images (9) is more than max_queue_size (8)" in str(stop.value)
+    assert _settings(["--max-queue-size", "8", "--max-batch-images", "8"]).max_queue_size == 8
+
+
 def _as_from_a_terminal() -> None:
     # A shell starts background jobs (CI's runner may be one) with SIGINT ignored, and the
     # ignore is inherited; Python then installs no handler of its own, as it should not. A

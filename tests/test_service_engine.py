@@ -103,7 +103,7 @@ async def test_a_worker_with_no_free_slot_sheds_with_503(tiny_bundle, engine, mo
         return run(n)
 
     monkeypatch.setattr(engine.server.predictor, "run", held)
-    async with serve_worker(tiny_bundle, engine, max_queue_size=2) as client:
+    async with serve_worker(tiny_bundle, engine, max_queue_size=2, max_batch_images=2) as client:
         try:
             first = [asyncio.create_task(predict(client, png(noise_image(i))))
                      for i in range(2)]

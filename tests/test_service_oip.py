@@ -2,7 +2,9 @@
 against the real server, scores compared with ``/predict``'s for the same images; and
 malformed requests, each a 4xx in the protocol's error shape, through httpx in-process."""
 
+import asyncio
 import base64
+import importlib.metadata
 import json
 import struct
 import subprocess
@@ -30,6 +32,7 @@ from service_helpers import (
 )
 from tritonclient.utils import InferenceServerException
 
+import service
 from service.inference import Predictor
 from training.bundle import load_bundle
 
@@ -126,6 +129,9 @@ def test_health_and_metadata(client, manifest):
     assert not client.is_model_ready(manifest.name, "no-such-version")
     server = client.get_server_metadata()
     assert server["name"] == "oodserve" and "binary_tensor_data" in server["extensions"]
+    # From the sources (the Docker image runs them uninstalled), equal to the installed
+    # package's metadata, which pyproject.toml reads from the same attribute.
+    assert server["version"] == service.__version__ == importlib.metadata.version("oodserve")
     for version in ("", manifest.version):
         model = client.get_model_metadata(manifest.name, version)
         assert model["name"] == manifest.name and model["versions"] == [manifest.version]
@@ -319,6 +325,9 @@ async def test_malformed_requests(app_client, manifest, images):
     oip_error(await post(url, content=b'{"inputs": ['), 400, "Invalid JSON")
     oip_error(await post(url, content=b"{}", headers={"Inference-Header-Content-Length":
                                                      "99"}), 400, "Inference-Header")
+    # '²' (latin-1 0xb2) passes str.isdigit() but not int(): a 400, not a 500.
+    oip_error(await post(url, content=b"{}", headers=[(b"Inference-Header-Content-Length",
+                                                       b"\xb2")]), 400, "Inference-Header")
     for params, word in (({"tpr": 0}, "parameters.tpr"), ({"decision": "maybe"},
                                                             "parameters.decision"),
                          ({"priority": 1}, "parameters.priority"),
@@ -365,22 +374,32 @@ async def test_unknown_models_routes_and_limits(app_client, manifest, images):
 
 @pytest.mark.anyio
 async def test_overload_is_503_with_retry_after(tiny_bundle, manifest, monkeypatch):
-    """A full queue fails the whole request with /predict's 503 and Retry-After, in the
-    protocol's shape."""
-    release = threading.Event()
+    """With the queue taken by other requests, an inference request is refused whole with
+    /predict's 503 and Retry-After, in the protocol's shape; it is admitted once they are
+    done."""
+    release, entered = threading.Event(), threading.Event()
     forward = Predictor.__call__
 
     def gated(self, batch):
+        entered.set()
         release.wait(20)
         return forward(self, batch)
 
     monkeypatch.setattr(Predictor, "__call__", gated)
     release.set()  # warm-up goes through
     async with serve(settings(tiny_bundle, max_batch_size=1, max_batch_delay_ms=0,
-                              max_queue_size=1)) as client:
-        release.clear()  # the first image's forward pass waits: the others queue
-        images = [png(noise_image(i)) for i in range(4)]
+                              max_queue_size=2, max_batch_images=2)) as client:
+        release.clear()
+        entered.clear()
+        images = [png(noise_image(i)) for i in range(2)]
+        # One image in the forward pass, one waiting: the queue of 2 has one place left.
+        first = asyncio.create_task(client.post(infer_url(manifest),
+                                                json=json_request(images)))
+        await asyncio.to_thread(entered.wait, 20)
         response = await client.post(infer_url(manifest), json=json_request(images))
         release.set()
         oip_error(response, 503, "retry")
-        assert response.headers["retry-after"] == "1"
+        assert int(response.headers["retry-after"]) >= 1
+        assert (await first).status_code == 200
+        again = await client.post(infer_url(manifest), json=json_request(images))
+        assert again.status_code == 200, again.text

@@ -116,6 +116,12 @@ def test_unsigned_or_otherwise_signed_bundles_are_refused(signed, keys, tmp_path
     (signed / SIGNATURE_FILE).write_bytes(b"\0" * 10)
     assert "not an Ed25519 signature" in refused(signed, keys[1])
     (signed / SIGNATURE_FILE).unlink()
+    (signed / SIGNATURE_FILE).symlink_to("/dev/zero")  # endless: read no more than needed
+    assert "not a regular file" in refused(signed, keys[1])
+    (signed / SIGNATURE_FILE).unlink()
+    (signed / SIGNATURE_FILE).write_bytes(b"\0" * 10_000)
+    assert "not an Ed25519 signature" in refused(signed, keys[1])
+    (signed / SIGNATURE_FILE).unlink()
     assert f"not signed (no {SIGNATURE_FILE})" in refused(signed, keys[1])
     load_bundle(signed)  # without a key, an unsigned bundle loads as before
 

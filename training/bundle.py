@@ -23,6 +23,7 @@ is what makes their scores identical.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,12 +35,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from training.calibration import ScoreCalibration
 from training.data.archives import file_sha256
 from training.data.transforms import Preprocessing
-from training.detectors import SERVED_NAMES, DecisionRule
+from training.detectors import BY_NAME, SERVED_NAMES, DecisionRule
 from training.models import TappedClassifier, build_model, load_state
 
 FORMAT_VERSION = 1
@@ -100,6 +102,13 @@ class Manifest(_Strict):
         missing = [s for s in SERVED_NAMES if s not in self.calibration]
         if missing:
             raise ValueError(f"calibration lacks {missing}")
+        # The direction is the detector table's; a manifest saying otherwise would be served
+        # with its decisions inverted.
+        flipped = [name for name, cal in self.calibration.items()
+                   if cal.higher_is_id != BY_NAME[name].higher_is_id]
+        if flipped:
+            raise ValueError(f"calibration of {flipped}: higher_is_id contradicts the "
+                             "detector's direction (training/detectors.py)")
         if self.architecture.options.get("num_classes", len(self.classes)) != len(self.classes):
             raise ValueError("architecture.options.num_classes differs from len(classes)")
         return self
@@ -158,13 +167,19 @@ def load_bundle(path: str | Path, public_key: Path | None = None) -> Bundle:
                           "the bundle directory")
     if not weights.is_file():
         raise BundleError(f"{path}: weights file {manifest.weights.file} is missing")
-    digest = file_sha256(weights)
+    # Read once: the bytes hashed are the bytes loaded, so the file cannot be swapped
+    # between the check and the load (which would defeat a signed manifest's hash).
+    try:
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{weights}: unreadable ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.weights.sha256:
         raise BundleError(f"{weights}: sha256 {digest} does not match the manifest's "
                           f"{manifest.weights.sha256}; the file is corrupt or was replaced")
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
+        state = load_safetensors(data)
+    except SafetensorError as exc:
         raise BundleError(f"{weights}: unreadable safetensors file ({exc})") from None
     arch = manifest.architecture
     try:

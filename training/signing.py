@@ -91,7 +91,12 @@ def verify_manifest(bundle_dir: Path, manifest: bytes, public_key: Path) -> None
     key = load_public_key(public_key)
     file = Path(bundle_dir) / SIGNATURE_FILE
     try:
-        signature = file.read_bytes()
+        # A regular file, read no further than one signature and a byte: a signature file
+        # that is a link to /dev/zero or a FIFO must not hang the start or the disk check.
+        if file.exists() and not file.is_file():
+            raise SignatureError(f"{SIGNATURE_FILE}: not a regular file")
+        with open(file, "rb") as f:
+            signature = f.read(SIGNATURE_BYTES + 1)
     except FileNotFoundError:
         raise SignatureError(f"the bundle is not signed (no {SIGNATURE_FILE}) and a public "
                              "key to check it with was given") from None
@@ -99,13 +104,13 @@ def verify_manifest(bundle_dir: Path, manifest: bytes, public_key: Path) -> None
         raise SignatureError(f"{SIGNATURE_FILE}: cannot be read "
                              f"({exc.strerror or exc})") from None
     if len(signature) != SIGNATURE_BYTES:
-        raise SignatureError(f"{SIGNATURE_FILE}: not an Ed25519 signature ({len(signature)} "
-                             f"bytes, not {SIGNATURE_BYTES})")
+        raise SignatureError(f"{SIGNATURE_FILE}: not an Ed25519 signature (not "
+                             f"{SIGNATURE_BYTES} bytes)")
     try:
         key.verify(signature, manifest)
     except InvalidSignature:
         raise SignatureError(f"{SIGNATURE_FILE} is not a signature of this manifest.json by "
-                             f"the key in {Path(public_key).name}: the manifest (or the "
+                             "the given public key: the manifest (or the "
                              "weights' hash in it) changed after signing, or another key "
                              "signed it") from None
 

@@ -17,7 +17,6 @@ same 422s, and the OpenAPI-driven tests (schemathesis) exercise them.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -39,7 +38,6 @@ from service.schemas import (
     PredictResponse,
 )
 from service.security import PredictRoute
-from service.thresholds import Policy, resolve_policy
 
 # PredictRoute: the API key and the body's content type are checked before it is parsed.
 router = APIRouter(tags=["predict"], route_class=PredictRoute)
@@ -118,14 +116,6 @@ def _validate(query: dict[str, str], fields: dict[str, str],
     return params
 
 
-def _policy(engine: Engine, params: PredictParams) -> Policy:
-    thresholds = params.thresholds()
-    if not thresholds and params.tpr is None and params.decision is None:
-        return engine.default_policy
-    return resolve_policy(engine.manifest, thresholds, tpr=params.tpr,
-                          decision=params.decision)
-
-
 def _top_k(engine: Engine, params: PredictParams) -> int:
     return min(params.top_k or engine.settings.top_k, len(engine.manifest.classes))
 
@@ -147,7 +137,7 @@ async def predict(
     params: Annotated[PredictParams, Depends(params_dependency("image", single=True))],
 ) -> Response:
     engine = await engine_for(request, params.model)
-    prediction = await engine.predict(await image.read(), _policy(engine, params),
+    prediction = await engine.predict(await image.read(), engine.policy_for(params),
                                       _top_k(engine, params))
     return _json(PredictResponse(**dict(prediction), model=engine.model_ref,
                                  server_time_ms=_elapsed_ms(request)))
@@ -164,7 +154,7 @@ async def predict_batch(
     engine = await engine_for(request, params.model)
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
-    policy, top_k = _policy(engine, params), _top_k(engine, params)
+    policy, top_k = engine.policy_for(params), _top_k(engine, params)
     # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
     # and pool share for them all.
     decoding = engine.request_decoding(len(images))
@@ -181,17 +171,6 @@ async def predict_batch(
                              error=ErrorBody(code=exc.code, message=exc.message))
         return BatchItem(index=index, filename=upload.filename, prediction=prediction)
 
-    tasks = [asyncio.ensure_future(one(i, f)) for i, f in enumerate(images)]
-    try:
-        results = await asyncio.gather(*tasks)
-    except BaseException:
-        # The request has failed: its other images are neither decoded nor scored (those
-        # still queued are dropped by the batcher, whose futures are cancelled here).
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    finally:
-        decoding.close()
+    results = await decoding.gather([one(i, f) for i, f in enumerate(images)])
     return _json(BatchResponse(model=engine.model_ref, results=list(results),
                                server_time_ms=_elapsed_ms(request)))

@@ -24,9 +24,7 @@ not something OpenAPI can state.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import importlib.metadata
 import struct
 import zlib
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+import service
 from service.decoding import RequestTooLarge
 from service.engine import Engine
 from service.errors import ServiceError
@@ -55,7 +54,6 @@ from service.oip_schemas import (
     TensorMetadata,
 )
 from service.routers.deps import engine_for, readiness
-from service.routers.predict import _policy  # the same default-or-resolved policy as /predict
 from service.schemas import Prediction, PredictParams
 from service.security import authorize
 from training.detectors import SERVED, SERVED_NAMES
@@ -94,7 +92,7 @@ def _bad(message: str) -> ServiceError:
 
 @router.get("")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="oodserve", version=importlib.metadata.version("oodserve"),
+    return ServerMetadata(name="oodserve", version=service.__version__,
                           extensions=EXTENSIONS)
 
 
@@ -205,7 +203,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[InferenceRequest, by
     if header_length is None:
         json, binary = body, b""
     else:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+        if not (header_length.isascii() and header_length.isdigit()) or not (
+                0 < int(header_length) <= len(body)):
             raise _bad(f"{HEADER_LENGTH} must be the length of the JSON at the start of the "
                        f"body: between 1 and {len(body)}")
         json, binary = body[:int(header_length)], body[int(header_length):]
@@ -368,7 +368,7 @@ async def _predict_all(engine: Engine, images: list[bytes],
                        params: PredictParams) -> list[Prediction]:
     """Every image's prediction, all classes ranked; the first image that cannot be scored
     fails the request (the others are dropped, as on /predict/batch)."""
-    policy = _policy(engine, params)
+    policy = engine.policy_for(params)
     all_classes = len(engine.manifest.classes)
     # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
     # and pool share for them all.
@@ -383,16 +383,7 @@ async def _predict_all(engine: Engine, images: list[bytes],
             raise ServiceError(exc.status, exc.code, f"input {INPUT!r}: element {index}: "
                                f"{exc.message}", exc.headers) from None
 
-    tasks = [asyncio.ensure_future(one(i, data)) for i, data in enumerate(images)]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    finally:
-        decoding.close()
+    return await decoding.gather([one(i, data) for i, data in enumerate(images)])
 
 
 def _tensor(name: str, predictions: list[Prediction],
