@@ -3,7 +3,8 @@
 - Built-in kinds are validated with ``kubernetes-validate`` (the Kubernetes OpenAPI schemas
   it ships, strict: an unknown field is an error) for the oldest and the newest Kubernetes
   version it knows.
-- Custom resources (ServiceMonitor, PrometheusRule, InferenceService) are validated against
+- Custom resources (ServiceMonitor, PodMonitor, PrometheusRule, InferenceService) are
+  validated against
   their CRDs' OpenAPI schemas, vendored in tests/data/crds/ (see its README), closed the way
   ``kubectl apply``'s strict field validation closes them; their metadata as Kubernetes
   metadata.
@@ -53,8 +54,10 @@ DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
 GPU = DEPLOY / "kubernetes" / "overlays" / "gpu"
 KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
+PODMONITOR = DEPLOY / "kserve" / "podmonitor.yaml"
 CRDS = ROOT / "tests" / "data" / "crds"
 CRD_FILES = {"ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
+             "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
              "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
              "InferenceService": "serving.kserve.io_inferenceservices.yaml"}
 # The oldest Kubernetes kubernetes-validate has schemas for, and the newest.
@@ -163,7 +166,8 @@ KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudge
 
 def all_manifests() -> list[tuple[str, dict]]:
     out = [(f"{name}/{d['kind']}", d) for name, path in BUILDS.items() for d in kustomize(path)]
-    return out + [("kserve/InferenceService", d) for d in documents(KSERVE)]
+    return out + [(f"kserve/{d['kind']}", d) for path in sorted(KSERVE.parent.glob("*.yaml"))
+                  for d in documents(path)]
 
 
 def test_kustomizations_render_the_expected_resources():
@@ -220,7 +224,7 @@ def test_builtin_kinds_follow_the_kubernetes_schemas(version):
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{where}: {'.'.join(map(str, e.path))}: {e.message}")
         checked.add(where)
-    assert len(checked) == 2 * len(KINDS) + 1
+    assert len(checked) == 2 * len(KINDS) + 2  # and the InferenceService and its PodMonitor
 
 
 def crd_schema(kind: str, api_version: str) -> dict:
@@ -293,6 +297,11 @@ def test_the_schema_checks_catch_mistakes():
     isvc["spec"]["predictor"]["containers"][0]["env"].append({"name": "PROTOCOL"})
     isvc["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "8000"
     assert len(crd_errors(isvc)) == 2
+    (podmonitor,) = documents(PODMONITOR)
+    podmonitor["spec"]["podMetricsEndpoints"][0]["portNumber"] = 80000
+    podmonitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
+    del podmonitor["spec"]["selector"]
+    assert len(crd_errors(podmonitor)) == 3
     deployment = docs["Deployment"]
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
@@ -353,6 +362,63 @@ def test_servicemonitor_scrapes_the_job_the_alerts_watch():
     assert endpoint["path"] == "/metrics"
     compose_interval = load_yaml(ROOT / "docker" / "prometheus" / "prometheus.yml")["global"]
     assert endpoint["interval"] == compose_interval["scrape_interval"]
+
+
+def relabel(labels: dict[str, str], config: dict) -> dict[str, str]:
+    """Prometheus's `replace` relabeling (the Operator's default action) of a target's
+    labels; any other action is refused, as the test does not implement it."""
+    assert config.get("action", "replace").lower() == "replace", config
+    value = config.get("separator", ";").join(labels.get(name, "")
+                                              for name in config.get("sourceLabels", []))
+    match = re.fullmatch(config.get("regex", "(.*)"), value)
+    if match:
+        value = re.sub(r"\$\{?(\d+)\}?", lambda g: match.group(int(g.group(1))) or "",
+                       config.get("replacement", "$1"))
+        labels = {**labels, config["targetLabel"]: value}
+    return labels
+
+
+def test_relabel_replaces_as_prometheus_does():
+    target = {"job": "ns/oodserve", "__meta_pod": "a-1"}
+    assert relabel(target, {"targetLabel": "job", "replacement": "x"})["job"] == "x"
+    assert relabel(target, {"sourceLabels": ["__meta_pod"], "regex": "(.*)-(\\d+)",
+                            "targetLabel": "n", "replacement": "${2}$1"})["n"] == "1a"
+    assert relabel(target, {"sourceLabels": ["__meta_pod"], "regex": "b.*",
+                            "targetLabel": "job"}) == target
+
+
+def test_podmonitor_scrapes_the_predictor_as_the_job_the_alerts_watch():
+    """The InferenceService's pods are scraped on the container's port and path, with the
+    job the rules name; KServe labels its predictor pods with the InferenceService's name and
+    component=predictor, and both objects are in the same namespace (neither names one)."""
+    (isvc,) = documents(KSERVE)
+    (podmonitor,) = documents(PODMONITOR)
+    assert "namespace" not in isvc["metadata"] and "namespace" not in podmonitor["metadata"]
+    spec = podmonitor["spec"]
+    assert spec["selector"] == {"matchLabels": {
+        "serving.kserve.io/inferenceservice": isvc["metadata"]["name"],
+        "component": "predictor"}}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    (container,) = pod_containers(isvc)
+    (port,) = container["ports"]
+    assert endpoint["portNumber"] == port["containerPort"] == image_port()
+    assert endpoint["path"] == "/metrics"
+    compose_interval = load_yaml(ROOT / "docker" / "prometheus" / "prometheus.yml")["global"]
+    assert endpoint["interval"] == compose_interval["scrape_interval"]
+    # The Operator names the job <namespace>/<name> (no jobLabel); the relabeling makes it
+    # the job of the rules' up{job="oodserve"}.
+    assert "jobLabel" not in spec
+    labels = {"job": f"default/{podmonitor['metadata']['name']}",
+              "__meta_kubernetes_pod_name": "oodserve-predictor-00001-deployment-x"}
+    for config in endpoint["relabelings"]:
+        labels = relabel(labels, config)
+    jobs = {job for alert in alerts().values()
+            for job in re.findall(r'\bjob="([^"]+)"', alert["expr"])}
+    assert {labels["job"]} == jobs
+    # KServe's own annotations name the same port and path (for its metrics aggregation).
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["prometheus.kserve.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.kserve.io/path"] == endpoint["path"]
 
 
 # --- wiring ------------------------------------------------------------------------------
@@ -531,6 +597,7 @@ async def test_probe_and_scrape_paths_answer_on_the_service(tiny_bundle):
             paths |= {container[p]["httpGet"]["path"] for p in
                       ("startupProbe", "livenessProbe", "readinessProbe") if p in container}
     paths |= {e["path"] for e in by_kind(kustomize(BASE))["ServiceMonitor"]["spec"]["endpoints"]}
+    paths |= {e["path"] for d in documents(PODMONITOR) for e in d["spec"]["podMetricsEndpoints"]}
     assert paths == {"/healthz", "/readyz", "/metrics"}
     async with serve(settings(tiny_bundle)) as client:
         for path in sorted(paths):
