@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -50,6 +54,25 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 18
         except httpx.TransportError:
             pass
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_service(cwd: Path, **env) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """A ready ``python -m service`` on a free port, started in ``cwd`` with
+    :func:`service_env` and ``env``: (the process, its base URL, its log). Stopped with
+    SIGTERM at the end, which it must obey within a minute."""
+    port = free_port()
+    log = Path(cwd) / "service.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=cwd,
+                                env=service_env(OODSERVE_PORT=port, **env),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, port, log)
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
 
 
 def children(pid: int) -> list[int]:

@@ -7,10 +7,7 @@ import contextlib
 import http.client
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +16,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from service_helpers import encode, free_port, noise_image, png, serve, settings, wait_ready
+from service_helpers import encode, noise_image, png, running_service, serve, settings
 
 pytestmark = pytest.mark.anyio
 
@@ -195,22 +192,11 @@ def server(tiny_bundle, tmp_path_factory):
     """``python -m service`` (one worker) with an API key, a 2 s read timeout and
     :data:`REQUESTS_PER_CONNECTION`."""
     tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODSERVE_")}
-    env.update(OMP_NUM_THREADS="1", OODSERVE_TORCH_THREADS="1", OODSERVE_WORKERS="1",
-               OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=str(tiny_bundle),
-               OODSERVE_PORT=str(port), OODSERVE_API_KEY=KEY, OODSERVE_READ_TIMEOUT_S="2",
-               OODSERVE_MAX_REQUESTS_PER_CONNECTION=str(REQUESTS_PER_CONNECTION))
-    log = tmp / "service.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(proc, port, log)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with running_service(tmp, OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=tiny_bundle,
+                         OODSERVE_API_KEY=KEY, OODSERVE_READ_TIMEOUT_S=2,
+                         OODSERVE_MAX_REQUESTS_PER_CONNECTION=REQUESTS_PER_CONNECTION
+                         ) as (_, base, _):
+        yield int(base.rsplit(":", 1)[1])
 
 
 def raw(port: int, data: bytes, timeout: float = 10.0) -> tuple[float, bytes]:

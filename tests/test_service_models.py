@@ -7,8 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -18,17 +16,15 @@ import pytest
 from conftest import make_bundle
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import (
-    free_port,
     metric,
     metrics_text,
     noise_image,
     png,
     predict,
     predict_ok,
+    running_service,
     serve,
-    service_env,
     settings,
-    wait_ready,
 )
 
 from service.model_registry import choose_default, scan, version_key
@@ -324,26 +320,9 @@ async def test_a_new_version_directory_leaves_readiness_alone(two_models, reposi
 
 # -- reload of a running service -------------------------------------------------------------
 
-def start_service(tmp_path: Path, **env) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = tmp_path / "service.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path,
-                                env=service_env(OODSERVE_PORT=port, **env),
-                                stdout=out, stderr=subprocess.STDOUT)
-    wait_ready(proc, port, log)
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def stop_service(proc: subprocess.Popen, log: Path) -> None:
-    proc.terminate()
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
-
-
 def test_sighup_reloads_a_single_process_service(tmp_path, tiny_bundle, other_bundle):
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
-    proc, base, log = start_service(tmp_path, OODSERVE_BUNDLE=bundle)
-    try:
+    with running_service(tmp_path, OODSERVE_BUNDLE=bundle) as (proc, base, log):
         assert httpx.get(f"{base}/v1/model").json()["version"] == "0.0.0"
         replacement = copy_bundle(other_bundle, tmp_path / ".staging")
         shutil.rmtree(bundle)
@@ -356,8 +335,6 @@ def test_sighup_reloads_a_single_process_service(tmp_path, tiny_bundle, other_bu
         assert httpx.get(f"{base}/readyz").status_code == 200
         # Without a key, the admin endpoint says how to turn it on.
         assert httpx.post(f"{base}/admin/reload").status_code == 403
-    finally:
-        stop_service(proc, log)
 
 
 CLIENTS = 32
@@ -389,13 +366,10 @@ def test_reload_under_load_with_two_workers(tmp_path, tiny_bundle, other_bundle)
     repo = tmp_path / "repository"
     repo.mkdir()
     copy_bundle(tiny_bundle, repo / "alpha-1.0", name="alpha", version="1.0.0")
-    proc, base, log = start_service(tmp_path, OODSERVE_MODEL_REPOSITORY=repo,
-                                    OODSERVE_WORKERS=2, OODSERVE_LAYOUT="replicated",
-                                    OODSERVE_API_KEY=KEY)
     seen: list[list[str]] = [[] for _ in range(CLIENTS)]
     failures: list[str] = []
 
-    async def scenario() -> None:
+    async def scenario(base: str, log: Path) -> None:
         stop = asyncio.Event()
         load = asyncio.create_task(_load(base, stop, seen, failures))
 
@@ -434,10 +408,9 @@ def test_reload_under_load_with_two_workers(tmp_path, tiny_bundle, other_bundle)
         assert metric(text, "oodserve_predictions_total", model="alpha",
                       version="1.1.0") > 0
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        stop_service(proc, log)
+    with running_service(tmp_path, OODSERVE_MODEL_REPOSITORY=repo, OODSERVE_WORKERS=2,
+                         OODSERVE_LAYOUT="replicated", OODSERVE_API_KEY=KEY) as (_, base, log):
+        asyncio.run(scenario(base, log))
     assert failures == []
     for versions in seen:
         switch = versions.index("1.1.0")  # never back to the old one once switched

@@ -7,8 +7,6 @@ import base64
 import importlib.metadata
 import json
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -20,15 +18,13 @@ import tritonclient.http as triton
 from conftest import CIFAR10, ISUN
 from service_helpers import (
     encode,
-    free_port,
     metric,
     metrics_text,
     noise_image,
     png,
+    running_service,
     serve,
-    service_env,
     settings,
-    wait_ready,
 )
 from tritonclient.utils import InferenceServerException
 
@@ -82,20 +78,10 @@ def server(tiny_bundle, tmp_path_factory):
     """``python -m service`` (one worker) with an API key: the OIP URL, and a client for
     /predict on the same server."""
     tmp = tmp_path_factory.mktemp("oip")
-    port = free_port()
-    env = service_env(OODSERVE_BUNDLE=tiny_bundle, OODSERVE_PORT=port, OODSERVE_API_KEY=KEY,
-                      OODSERVE_LAYOUT="replicated")
-    log = tmp / "service.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(proc, port, log)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as http:
-            yield f"127.0.0.1:{port}", http
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with (running_service(tmp, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_API_KEY=KEY,
+                          OODSERVE_LAYOUT="replicated") as (_, base, _),
+          httpx.Client(base_url=base, headers=AUTH) as http):
+        yield base.removeprefix("http://"), http
 
 
 @pytest.fixture
