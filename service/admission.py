@@ -18,7 +18,8 @@ Two bounds, both per process and per served model:
   size and how many workers share the cores, and a client waiting many seconds for an answer
   it has given up on is worse off than one told to retry. The throughput is an exponentially
   weighted average of images per second over the scorer's completed batches
-  (:class:`Throughput`). While less than one full batch is outstanding the time bound does
+  (:class:`Throughput`), each timed from the previous one's end when images were waiting or
+  being decoded then, so that it follows decoding too when decoding is the bottleneck. While less than one full batch is outstanding the time bound does
   not apply: those images go in one forward pass whatever the estimate says, and at low load
   the measured rate (small batches) understates what the model does under load.
 

@@ -55,7 +55,7 @@ class Batcher(Generic[R]):
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self._metrics = metrics
-        self.throughput = Throughput()  # of the completed batches
+        self.throughput = Throughput()  # of the completed batches (see _collect)
         self.running = 0  # images in the forward pass now
         self._pending: deque[_Job[R]] = deque()
         self._preparing = 0  # images announced but not yet submitted
@@ -63,6 +63,8 @@ class Batcher(Generic[R]):
         self._dispatch = asyncio.Event()  # the batch is full or nothing more is on its way
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodserve-infer")
         self._task: asyncio.Task | None = None
+        self._last_finished = 0.0  # when the previous batch came back
+        self._backlog_at_last_finish = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect())
@@ -133,7 +135,15 @@ class Batcher(Generic[R]):
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [job.image for job in batch])
-                self.throughput.record(len(batch), time.perf_counter() - started)
+                finished = time.perf_counter()
+                # Since the previous batch if images were queued or being decoded when it
+                # ended (the gap is then the pipeline's pace: decoding, when it is the
+                # bottleneck), else since this batch started (an idle gap says nothing of
+                # capacity).
+                since = self._last_finished if self._backlog_at_last_finish else started
+                self.throughput.record(len(batch), finished - since)
+                self._last_finished = finished
+                self._backlog_at_last_finish = bool(self._pending) or self._preparing > 0
             except Exception as exc:
                 # Logged once, with its traceback, under the id that each of the batch's
                 # requests gets in its 500; the next batch runs as usual.

@@ -5,6 +5,7 @@ blocks the event loop."""
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from service_helpers import (
@@ -18,6 +19,7 @@ from service_helpers import (
     settings,
 )
 
+from service.batcher import Batcher
 from service.decoding import Decoder
 from service.inference import Predictor
 
@@ -206,3 +208,34 @@ async def test_a_failed_forward_pass_fails_its_requests_not_the_service(tiny_bun
         assert response.json()["error"]["code"] == "internal_error"
         monkeypatch.setattr(Predictor, "__call__", forward)
         assert (await predict(client, png(noise_image(4)))).status_code == 200
+
+
+async def test_throughput_follows_decoding_when_decoding_is_the_bottleneck():
+    """A forward pass that takes no time, fed one image every 20 ms by a decoder that is
+    always busy: the measured rate is the pace images arrive at (about 50/s, less on a loaded
+    machine), which is what
+    the queue drains at, not the forward pass's own (thousands a second). After an idle
+    gap, the gap is not counted."""
+    histogram = SimpleNamespace(observe=lambda value: None)
+    metrics = SimpleNamespace(queue_wait=histogram, batch_size=histogram,
+                              inference_duration=histogram)
+    batcher = Batcher(lambda images: list(images), max_batch_size=8, max_delay_s=0.0,
+                      max_queue_size=100, metrics=metrics)
+    batcher.start()
+    try:
+        decoding = batcher.preparing()
+        decoding.__enter__()
+        for i in range(40):  # the first batch's (instant) sample weighs 0.8**39 at the end
+            await asyncio.sleep(0.02)  # image i is being decoded
+            done, decoding = decoding, batcher.preparing() if i < 39 else None
+            if decoding is not None:  # the next image's decoding starts: never idle
+                decoding.__enter__()
+            done.__exit__(None, None, None)
+            await batcher.submit(i)
+        assert 5 < batcher.throughput.rate < 100, batcher.throughput.rate  # not thousands
+        await asyncio.sleep(0.5)  # idle, nothing on its way
+        rate = batcher.throughput.rate
+        await batcher.submit(99)
+        assert batcher.throughput.rate >= rate  # the idle half second is not a slow batch
+    finally:
+        await batcher.stop()
