@@ -10,15 +10,18 @@ whatever a client asked for, so that
 ``rate(oodserve_ood_decisions_total[5m]) / rate(oodserve_predictions_total[5m])`` follows
 the inputs rather than the clients' threshold choices.
 
-Several models (:mod:`service.model_registry`): the series of images and batches carry the
-``model`` and ``version`` that scored them. Each served (model, version) has its own
-:class:`Metrics` in its own registry, because its score histograms have their own buckets
-(the quantiles of its own calibration) and prometheus_client gives all the series of a
-metric the same buckets; :class:`ServiceMetrics` holds the HTTP series and writes one
-exposition, merging the models' families by name (a histogram's buckets may differ from one
-label set to another; ``histogram_quantile`` and ``sum by (le, model)`` work per series).
-The series of a version that was reloaded away stay (counters do not go back), its
-``oodserve_model_info`` turns 0.
+Several models (:mod:`service.model_registry`): the series of images carry the ``model``
+and ``version`` that scored them; those of the queue and the batches (:class:`Pipeline`:
+queue wait, forward-pass time, batch size) only the ``model``, so that a reload adds none
+of them (a version's effect on latency shows in the time series, at the reload). Each
+served (model, version) has its own :class:`Metrics` in its own registry, because its score
+histograms have their own buckets (the quantiles of its own calibration) and
+prometheus_client gives all the series of a metric the same buckets;
+:class:`ServiceMetrics` holds the HTTP series and writes one exposition, merging the
+models' families by name (a histogram's buckets may differ from one label set to another;
+``histogram_quantile`` and ``sum by (le, model)`` work per series). The series of a version
+that was reloaded away stay (counters do not go back), its ``oodserve_model_info`` turns 0:
+the gauge is 1 exactly for the versions served now.
 
 With several worker processes, prometheus_client's multiprocess mode is used when
 ``PROMETHEUS_MULTIPROC_DIR`` is set (``python -m service`` sets and wipes it): each worker
@@ -69,6 +72,23 @@ def score_buckets(manifest: Manifest, detector: str) -> list[float]:
 MODEL_LABELS = ("model", "version")
 
 
+class Pipeline:
+    """The queue's and the batches' histograms, labelled by model name only: one set per
+    process, shared by every version of a model (a version reloaded in does not start new
+    series; in multiprocess mode two objects must never write one series)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.queue_wait = Histogram(
+            "oodserve_queue_wait_seconds", "Time an image waited for its forward pass",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_duration = Histogram(
+            "oodserve_inference_duration_seconds", "Time of one batched forward pass",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "oodserve_batch_size", "Images per forward pass", ["model"],
+            buckets=BATCH_SIZE_BUCKETS, registry=registry)
+
+
 class _ForModel:
     """A labelled metric with the model's labels filled in: ``labels(detector)`` gives the
     series of that detector for this model."""
@@ -81,21 +101,18 @@ class _ForModel:
 
 
 class Metrics:
-    """The series of one served (model, version): what its images and batches did."""
+    """The series of one served (model, version): what its images and batches did. The
+    batches' go to ``pipeline`` (the process's, shared by the versions; by default this
+    registry's own)."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, pipeline: Pipeline | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         model = (manifest.name, manifest.version)
-        self.queue_wait = Histogram(
-            "oodserve_queue_wait_seconds", "Time an image waited for its forward pass",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(*model)
-        self.inference_duration = Histogram(
-            "oodserve_inference_duration_seconds", "Time of one batched forward pass",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(*model)
-        self.batch_size = Histogram(
-            "oodserve_batch_size", "Images per forward pass", MODEL_LABELS,
-            buckets=BATCH_SIZE_BUCKETS, registry=r).labels(*model)
+        pipeline = pipeline or Pipeline(r)
+        self.queue_wait = pipeline.queue_wait.labels(manifest.name)
+        self.inference_duration = pipeline.inference_duration.labels(manifest.name)
+        self.batch_size = pipeline.batch_size.labels(manifest.name)
         self.predictions = Counter(
             "oodserve_predictions", "Images scored", MODEL_LABELS, registry=r).labels(*model)
         self.ood_decisions = _ForModel(Counter(
@@ -172,6 +189,7 @@ class ServiceMetrics:
             "serving; removed: no longer in the repository)", ["result"], registry=r)
         for result in ("loaded", "refused", "removed"):
             self.model_reloads.labels(result)
+        self._pipeline = Pipeline(r)
         self._models: dict[tuple[str, str], Metrics] = {}
 
     def for_model(self, manifest: Manifest) -> Metrics:
@@ -180,7 +198,7 @@ class ServiceMetrics:
         of the first one), so that no series is ever written twice."""
         key = (manifest.name, manifest.version)
         if key not in self._models:
-            self._models[key] = Metrics(manifest)
+            self._models[key] = Metrics(manifest, self._pipeline)
         return self._models[key]
 
     def render(self) -> bytes:
