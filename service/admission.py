@@ -19,9 +19,10 @@ Two bounds, both per process and per served model:
   it has given up on is worse off than one told to retry. The throughput is an exponentially
   weighted average of images per second over the scorer's completed batches
   (:class:`Throughput`), each timed from the previous one's end when images were waiting or
-  being decoded then, so that it follows decoding too when decoding is the bottleneck. While less than one full batch is outstanding the time bound does
-  not apply: those images go in one forward pass whatever the estimate says, and at low load
-  the measured rate (small batches) understates what the model does under load.
+  being decoded then, so that it follows decoding too when decoding is the bottleneck. While
+  less than one full batch is outstanding the time bound does not apply: those images go in
+  one forward pass whatever the estimate says, and at low load the measured rate (small
+  batches) understates what the model does under load.
 
 A reservation (:class:`Reservation`) is given back image by image as each is scored or fails,
 and the rest when the request ends (:meth:`Reservation.close`, or when it is garbage, so that a
@@ -42,13 +43,25 @@ class Throughput:
     batch a sample: its images over the time it took)."""
 
     WEIGHT = 0.2  # of the newest batch: a few batches follow a change of load or device
+    # Batches measured before the rate is used: the first passes at each new batch size are
+    # slow (the CPU's convolution kernels are prepared per input shape), and a rate that
+    # still holds them much would shed requests at the start of a load that the model keeps
+    # up with (0.8 ** 8: the first batch's part has fallen under a fifth).
+    SETTLE = 8
 
     def __init__(self) -> None:
         self.rate: float | None = None  # None until a batch has completed
+        self.batches = 0
+
+    @property
+    def settled_rate(self) -> float | None:
+        """:attr:`rate` once :data:`SETTLE` batches have been measured, else None."""
+        return self.rate if self.batches >= self.SETTLE else None
 
     def record(self, images: int, seconds: float) -> None:
         if images <= 0 or seconds <= 0:
             return
+        self.batches += 1
         sample = images / seconds
         self.rate = sample if self.rate is None else self.rate + self.WEIGHT * (
             sample - self.rate)
@@ -87,8 +100,8 @@ class Admission:
         return max(1, self.scorer.max_batch_size // self.sharers)
 
     def expected_wait_s(self, images: int) -> float | None:
-        """How long the last of ``images`` more would wait (None: nothing measured yet)."""
-        rate = self.scorer.throughput.rate
+        """How long the last of ``images`` more would wait (None: not measured enough yet)."""
+        rate = self.scorer.throughput.settled_rate
         return None if not rate else (self.outstanding + images) / rate
 
     def admit(self, images: int) -> Reservation:

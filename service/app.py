@@ -116,8 +116,12 @@ def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] |
     # check itself is PredictRoute's, before the body is read).
     app.include_router(predict.router,
                        dependencies=[Security(BEARER)] if settings.api_key else None)
+    # /admin/reload needs the key (403 while none is configured): declared with one, so
+    # that /docs can send it; the check is the route's own.
+    app.include_router(admin.router,
+                       dependencies=[Security(BEARER)] if settings.api_key else None)
     # The Open Inference Protocol's routes check the key themselves (infer only).
-    for router in (health.router, metrics.router, v2.router, admin.router):
+    for router in (health.router, metrics.router, v2.router):
         app.include_router(router)
     install_docs(app)
     return app

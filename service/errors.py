@@ -80,6 +80,7 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
         400: "malformed multipart body, or more form fields than allowed",
         401: "missing or wrong API key (only when OODSERVE_API_KEY is set)",
+        404: "no model of that name is served (`model`)",
         413: "body, image or batch too large",
         415: "not a supported image, or a body that is not multipart/form-data",
         422: "missing field, invalid parameter, or an image that cannot be decoded",

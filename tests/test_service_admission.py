@@ -25,7 +25,8 @@ pytestmark = pytest.mark.anyio
 def scorer(rate: float | None = None, batch: int = 8, in_pass: int = 0) -> SimpleNamespace:
     throughput = Throughput()
     if rate is not None:
-        throughput.record(round(rate * 10), 10.0)
+        for _ in range(Throughput.SETTLE):
+            throughput.record(round(rate * 10), 10.0)
     return SimpleNamespace(throughput=throughput, max_batch_size=batch,
                            in_forward_pass=lambda: in_pass)
 
@@ -49,6 +50,11 @@ def test_throughput_is_an_exponentially_weighted_rate_of_batches():
     meter.record(0, 1.0)  # an empty or instant batch says nothing
     meter.record(5, 0.0)
     assert meter.rate == pytest.approx(12.0)
+    # Used for admission only once SETTLE batches are in: the first, cold ones mislead.
+    assert meter.settled_rate is None
+    for _ in range(Throughput.SETTLE - 2):
+        meter.record(12, 1.0)
+    assert meter.settled_rate == pytest.approx(12.0)
 
 
 def test_the_count_bound_refuses_a_request_as_a_whole():
@@ -220,9 +226,9 @@ async def test_the_engine_layout_admits_a_batch_whole_too(tiny_bundle, tmp_path,
 
 
 async def shed_by_time(client, decoded: list[int]) -> tuple[int, int]:
-    """Measure the throughput with a few requests, then send 12 at once: (answered 200,
-    refused 503), checking that only the admitted ones were decoded."""
-    for seed in range(3):
+    """Measure the throughput with enough requests for it to count, then send 12 at once:
+    (answered 200, refused 503), checking that only the admitted ones were decoded."""
+    for seed in range(Throughput.SETTLE):
         assert (await predict(client, png(noise_image(seed)))).status_code == 200
     before = len(decoded)
     responses = await asyncio.gather(*(predict(client, png(noise_image(100 + i)))

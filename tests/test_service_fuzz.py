@@ -20,7 +20,7 @@ from service.app import create_app
 from service.settings import Settings
 
 OPERATIONS = {"GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics",
-              "POST /predict", "POST /predict/batch"}
+              "POST /predict", "POST /predict/batch", "POST /admin/reload"}
 KEY = "fuzzing-key-0123456789"
 EXAMPLES = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -46,7 +46,7 @@ def fuzzed(**overrides):
 
 OPEN_SETTINGS, OPEN_APP, schema = fuzzed()
 KEYED_SETTINGS, KEYED_APP, keyed_schema = fuzzed(api_key=KEY)
-keyed_schema = keyed_schema.include(path_regex="^/predict")
+keyed_schema = keyed_schema.include(path_regex="^/(predict|admin)")
 # Requests, and the probes some checks send on their own, go to the app in-process.
 schema.app, keyed_schema.app = OPEN_APP, KEYED_APP
 

@@ -125,15 +125,16 @@ async def test_refusals_are_counted_under_their_route(keyed):
     assert 'oodserve_requests_total{endpoint="/predict",status="401"}' in text
 
 
-def test_openapi_declares_the_bearer_scheme_on_the_predict_routes_only(tiny_bundle):
+def test_openapi_declares_the_bearer_scheme_on_the_keyed_routes_only(tiny_bundle):
     spec = create_app(settings(tiny_bundle, api_key=KEY)).openapi()
     assert spec["components"]["securitySchemes"]["apiKey"] == {
         "type": "http", "scheme": "bearer", "description": spec["components"][
             "securitySchemes"]["apiKey"]["description"]}
     for path, item in spec["paths"].items():
         for operation in item.values():
-            assert ("security" in operation) == path.startswith("/predict"), path
-            if path.startswith("/predict"):
+            keyed = path.startswith(("/predict", "/admin/"))
+            assert ("security" in operation) == keyed, path
+            if keyed:
                 assert "401" in operation["responses"]
     open_spec = create_app(settings(tiny_bundle)).openapi()
     assert "securitySchemes" not in open_spec.get("components", {})

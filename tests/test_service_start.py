@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_helpers import children, free_port, metric, noise_image, png, service_env
+from service_helpers import (
+    children,
+    free_port,
+    metric,
+    noise_image,
+    png,
+    running_service,
+    service_env,
+)
 from test_signing import write_keys
 
 from service import settings as settings_module
@@ -284,3 +292,30 @@ def test_a_worker_that_cannot_start_stops_the_service(tiny_bundle, tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _ignores_sighup(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines()
+                       if line.startswith("SigIgn:")), 16)
+    return bool(ignored >> (signal.SIGHUP - 1) & 1)
+
+
+def test_workers_start_with_sighup_ignored(tiny_bundle, tmp_path):
+    """The supervisor sends SIGHUP (a reload) on to every worker, one still starting
+    included; until a worker has set up its reload handler, SIGHUP must not kill it. Workers
+    are forked by the fork server, so the fork server must ignore it; and the workers, once
+    started, reload on it rather than die."""
+    with running_service(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_WORKERS=2,
+                         OODSERVE_LAYOUT="replicated") as (proc, base, log):
+        servers = [int(c) for c in
+                   Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                   if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(servers) == 1 and _ignores_sighup(servers[0])
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGHUP)
+        time.sleep(1)
+        assert children(proc.pid) == workers and proc.poll() is None, log.read_text()
+        assert httpx.get(f"{base}/readyz").status_code == 200

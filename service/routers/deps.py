@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Request
+from fastapi import Request
 
 from service.engine import Engine
 from service.errors import ServiceError
@@ -17,18 +15,6 @@ def get_registry(request: Request) -> ModelRegistry:
     if registry is None:
         raise ServiceError(503, "not_ready", "the model is not loaded yet")
     return registry
-
-
-async def get_engine(request: Request) -> Engine:
-    """The default model's engine, or 503. ``async`` although it never awaits: FastAPI runs
-    a plain ``def`` dependency in its thread pool, a thread hop per request (under load, one
-    thread per request in flight, all fighting for the GIL), for what is a lookup."""
-    return get_registry(request).acquire(request.scope)
-
-
-# A route parameter ``engine: EngineDep`` gets the default model's engine (or the request
-# gets 503), leased to the request so that a reload lets it finish on that engine.
-EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 async def readiness(request: Request) -> str | None:

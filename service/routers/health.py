@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from service.errors import ERROR_RESPONSES
 from service.routers.deps import engine_for, readiness
 from service.schemas import CalibrationSummary, Health, ModelSummary, Readiness
 
@@ -29,7 +30,8 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
 
-@router.get("/v1/model", response_model=ModelSummary, summary="What is being served")
+@router.get("/v1/model", response_model=ModelSummary, summary="What is being served",
+            responses={status: ERROR_RESPONSES[status] for status in (404, 422, 503)})
 async def model(request: Request, model: Annotated[str | None, Query(
         max_length=200, description="a served model's name; default: the default model")] = None
                 ) -> ModelSummary:
