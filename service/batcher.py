@@ -76,7 +76,8 @@ class Batcher(Generic[R]):
         for job in self._pending:
             job.future.cancel()
         self._pending.clear()
-        self._executor.shutdown(wait=True)
+        # The batch running now ends first; the loop serves on meanwhile (other models).
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def run_in_thread(self, fn: Callable[[], object]) -> object:
         """Run ``fn`` on the inference thread (warm-up), in order with the batches."""

@@ -80,6 +80,7 @@ class LocalScorer:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self.predictor.release()
 
 
 class RequestDecoding:
@@ -157,7 +158,6 @@ class Engine:
 
     async def start(self) -> None:
         await self.scorer.start()
-        self.metrics.describe_model(self.scorer.device, self.scorer.dtype_name)
         where = ("in this process" if isinstance(self.scorer, LocalScorer)
                  else f"in the engine process ({self.scorer.address})")
         log.info("serving %s %s from %s on %s (%s) %s, batches of up to %d%s",
@@ -175,10 +175,9 @@ class Engine:
             self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
             return
         # Everything alive now (torch, the model, the app) lives until the process ends or a
-        # reload retires this engine (the registry then thaws, collects and freezes again:
-        # service/model_registry.py). Out of the garbage collector's reach, it is not walked
-        # by every full collection, which cut the tail latency under load
-        # (docs/benchmarks.md).
+        # reload retires this engine (whose stop then lets go of its model and buffers, freed
+        # by reference counting). Out of the garbage collector's reach, it is not walked by
+        # every full collection, which cut the tail latency under load (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
         await asyncio.to_thread(self.bundle_check.check)  # the first check hashes the weights
@@ -193,9 +192,15 @@ class Engine:
             self.bundle_check.check)
 
     async def stop(self) -> None:
+        """Stop serving, and let go of the model: a retired engine may stay referenced (by
+        a request still unwinding, or frozen with a cycle by a later warm-up), its model's
+        memory must not."""
         self.ready = False
         await self.scorer.stop()
-        self._decode_pool.shutdown(wait=True)
+        await asyncio.to_thread(self._decode_pool.shutdown, wait=True)  # the loop serves on
+        self.bundle.model = None
+        if isinstance(self.scorer, LocalScorer) and self.scorer.predictor.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the model and its graphs held, for the next one
 
     def request_decoding(self, images: int = 1) -> RequestDecoding:
         """Admit a new request of ``images`` images, before any is decoded, or refuse it as a

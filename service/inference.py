@@ -133,6 +133,12 @@ class Predictor:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._graph_input: torch.Tensor | None = None
 
+    def release(self) -> None:
+        """Let go of the model, its graphs and buffers (this predictor is not used again):
+        a reload's retired version frees its memory even while something still holds it."""
+        self.model = self.staging = self._out = self._graph_input = None
+        self._graphs = {}
+
     @classmethod
     def for_settings(cls, bundle: Bundle, settings: Settings, torch_threads: int) -> Predictor:
         """The predictor the service's settings ask for, its largest batch resolved for the

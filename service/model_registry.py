@@ -4,35 +4,42 @@ Which bundles: ``OODSERVE_BUNDLE`` alone, or, with ``OODSERVE_MODEL_REPOSITORY``
 immediate subdirectory of the repository that holds a ``manifest.json`` (names starting
 with a dot are skipped: ``export_bundle`` stages its output there). A model is addressed by
 its manifest's ``name``; when several directories hold one name, the highest ``version``
-serves, versions compared as dotted integers (``1.10.0`` > ``1.9.2``), and the others are
-logged as ignored. Versions of one name that are not all dotted integers, or two
-directories at the same version, cannot be ordered: that name is a start error (at a
-reload: refused, the served version stays).
+that loads serves, versions compared as dotted integers (``1.10.0`` > ``1.9.2``): one that
+fails its checks (half copied, corrupt, unsigned) is logged and the next one down serves.
+Versions of one name that are not all dotted integers, or two directories at the same
+version, cannot be ordered. At a start, a name with no version that loads (or that cannot
+be ordered) and a directory whose manifest cannot be read are logged and not served: the
+start goes on without them, as a running process reloading the same repository would, and
+fails only when the default model cannot be served (:func:`check_models`).
 
 Reload (:meth:`ModelRegistry.reload`; SIGHUP or ``POST /admin/reload``): the repository is
-scanned again; each model whose directory or manifest (so its version or weights' sha256)
-changed is loaded and checked by :func:`~training.bundle.load_bundle`, gets a new
-:class:`~service.engine.Engine`, is warmed up, and only then replaces the old engine in the
-table, in one assignment on the event loop, so that each request sees one or the other.
-Requests hold a lease on the engine they were given (:meth:`ModelRegistry.acquire`, released
-by :class:`LeaseMiddleware` when the request ends), so those in flight finish on the old
-engine; it is stopped when its last lease ends, and the garbage collector's frozen
-generation (:meth:`~service.engine.Engine.warm_up` freezes what is alive) is thawed and
-collected so that its model's memory is released. A bundle that fails its checks or its
-warm-up is refused: logged, reported, counted in ``oodserve_model_reloads_total``, and the
-old version keeps serving. New names start serving; names gone from the repository stop,
-except the default model, whose removal is refused (clients that name no model would
-suddenly get another one, or none).
+scanned again; for each name, the versions above the one serving now whose directory or
+manifest (so its version or weights' sha256) changed are tried, highest first, until one
+loads: checked by :func:`~training.bundle.load_bundle`, given a new
+:class:`~service.engine.Engine` (built off the event loop), warmed up, and only then
+swapped in for the old engine, in one assignment on the event loop, so that each request
+sees one or the other. (A version below the one serving is tried only once the serving
+one's directory is gone: what a start would serve.) Requests hold a lease on the engine
+they were given (:meth:`ModelRegistry.acquire`, released by :class:`LeaseMiddleware` when
+the request ends), so those in flight finish on the old engine; it is stopped when its last
+lease ends, and lets go of its model, graphs and buffers, which reference counting frees. A
+bundle that fails its checks or its warm-up is refused: logged, reported, counted in
+``oodserve_model_reloads_total``, and the old version keeps serving; so does a model whose
+served directory's manifest cannot be read (it may be being rewritten). New names start
+serving, unless the default model could then not be told or would change (a process
+starting on the repository would fail, or serve another default); names gone from the
+repository stop, except the default model, whose removal is refused (clients that name no
+model would suddenly get another one, or none).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,12 +50,11 @@ from service.metrics import ServiceMetrics
 from service.schemas import ModelReload
 from service.settings import Settings
 from training.bundle import MANIFEST_FILE, Bundle, BundleError, Manifest, load_bundle
+from training.signing import SIGNATURE_FILE
 
 log = logging.getLogger("oodserve")
 
 LEASES_KEY = "oodserve.leases"
-# How long after its last lease ends a retired engine's memory is collected (see _stop).
-UNWIND_S = 1.0
 _DOTTED = re.compile(r"\d+(\.\d+)*")
 
 
@@ -68,14 +74,27 @@ def _read_manifest(path: Path) -> Manifest:
                           f"({exc.error_count()} errors)") from None
 
 
+class Problem(NamedTuple):
+    """Why a name, or a directory, cannot be served."""
+
+    name: str | None  # None: a directory whose manifest is unreadable (its model unknown)
+    message: str
+    path: Path | None = None  # that directory
+
+
 @dataclass
 class Scan:
     """The bundles a repository (or OODSERVE_BUNDLE) asks to serve."""
 
-    chosen: dict[str, Path] = field(default_factory=dict)  # name -> directory
-    manifests: dict[str, Manifest] = field(default_factory=dict)
-    # (name, why it cannot be served); name None: a directory whose manifest is unreadable
-    problems: list[tuple[str | None, str]] = field(default_factory=list)
+    # name -> its (directory, manifest)s, highest version first: the first one that loads
+    # serves (the others are there to fall back on when it does not)
+    versions: dict[str, list[tuple[Path, Manifest]]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> dict[str, Path]:
+        """Name -> the directory of its highest version."""
+        return {name: found[0][0] for name, found in self.versions.items()}
 
 
 def scan(settings: Settings) -> Scan:
@@ -86,10 +105,9 @@ def scan(settings: Settings) -> Scan:
         try:
             manifest = _read_manifest(settings.bundle)
         except BundleError as exc:
-            result.problems.append((None, str(exc)))
+            result.problems.append(Problem(None, str(exc), settings.bundle))
         else:
-            result.chosen[manifest.name] = settings.bundle
-            result.manifests[manifest.name] = manifest
+            result.versions[manifest.name] = [(settings.bundle, manifest)]
         return result
     repository = settings.model_repository
     if not repository.is_dir():
@@ -102,32 +120,28 @@ def scan(settings: Settings) -> Scan:
         try:
             manifest = _read_manifest(path)
         except BundleError as exc:
-            result.problems.append((None, str(exc)))
+            result.problems.append(Problem(None, str(exc), path))
             continue
         candidates.setdefault(manifest.name, []).append((path, manifest))
     for name, found in candidates.items():
         keys = [version_key(m.version) for _, m in found]
         if len(found) > 1 and None in keys:
-            result.problems.append((name, (
+            result.problems.append(Problem(name, (
                 f"model {name!r}: cannot order its versions "
                 f"{', '.join(repr(m.version) for _, m in found)} (dotted integers, e.g. "
                 "1.2.0, are ordered)")))
             continue
         ranked = sorted(zip(keys, found), key=lambda kf: kf[0] or ())
         if len(ranked) > 1 and ranked[-1][0] == ranked[-2][0]:
-            result.problems.append((name, (
+            result.problems.append(Problem(name, (
                 f"model {name!r}: version {ranked[-1][1][1].version} is in two directories "
                 f"({ranked[-2][1][0].name}, {ranked[-1][1][0].name})")))
             continue
-        path, manifest = ranked[-1][1]
-        for _, (other, older) in ranked[:-1]:
-            log.info("model %s: %s (version %s) ignored, %s (version %s) is newer", name,
-                     other, older.version, path.name, manifest.version)
-        result.chosen[name], result.manifests[name] = path, manifest
+        result.versions[name] = [found for _, found in reversed(ranked)]
     if not candidates and not result.problems:
         empty = (f"{repository}: no bundle in it, no subdirectory holds {MANIFEST_FILE} "
                  "(OODSERVE_MODEL_REPOSITORY)")
-        result.problems.append((None, empty))
+        result.problems.append(Problem(None, empty))
     return result
 
 
@@ -159,16 +173,40 @@ def serving_what(settings: Settings) -> str:
 
 
 def check_models(settings: Settings) -> list[Bundle]:
-    """Load and check every bundle to serve, as a start does; :class:`BundleError` (one
-    message, every problem) when the service cannot start on them."""
-    found = scan(settings)
+    """Load and check the bundles to serve, as a start does: per name, the highest version
+    that loads (the ones above it are logged as refused). A name with no version that loads,
+    and a directory whose manifest cannot be read, are logged and not served, as a reload
+    would leave them; :class:`BundleError` (one message, every problem) when no model, or
+    not the default model, can be served."""
     if settings.model_repository is None:
         return [load_bundle(settings.bundle, settings.bundle_public_key)]
-    if found.problems:
-        raise BundleError("; ".join(message for _, message in found.problems))
-    bundles = [load_bundle(path, settings.bundle_public_key)
-               for path in found.chosen.values()]
-    choose_default(settings, list(found.chosen))
+    found = scan(settings)
+    refused = [problem.message for problem in found.problems]
+    bundles = []
+    for name, versions in found.versions.items():
+        for path, manifest in versions:
+            try:
+                bundle = load_bundle(path, settings.bundle_public_key)
+                if bundle.manifest.name != name:
+                    raise BundleError(f"{path}: its manifest changed while being loaded")
+            except BundleError as exc:
+                refused.append(str(exc))
+                continue
+            if (path, manifest) != versions[0]:
+                log.warning("model %s: serving version %s, the newest that loads",
+                            name, manifest.version)
+            bundles.append(bundle)
+            break
+        else:
+            refused.append(f"model {name!r}: no version of it loads, it is not served")
+    try:
+        if not bundles:
+            raise BundleError("no model can be served")
+        choose_default(settings, [b.manifest.name for b in bundles])
+    except BundleError as exc:
+        raise BundleError("; ".join([str(exc), *refused])) from None
+    for message in refused:
+        log.error("not served: %s", message)
     return bundles
 
 
@@ -180,11 +218,18 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _info(engine: Engine) -> tuple[str, ...]:
+    """The labels of ``engine``'s ``oodserve_model_info`` series."""
+    m = engine.manifest
+    return (m.name, m.version, m.architecture.name, m.featurenorm.selected_block,
+            engine.scorer.device, engine.scorer.dtype_name)
+
+
 class Served:
     """An engine in service and the requests using it."""
 
     def __init__(self, engine: Engine):
-        self.engine = engine
+        self.engine: Engine | None = engine
         self.leases = 0
         self.retired = False
 
@@ -204,14 +249,24 @@ class ModelRegistry:
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._warm_up: asyncio.Task | None = None
-        # Bundles refused, by their files' identity, so that the next reload (each worker
-        # reloads again on the SIGHUP its own POST /admin/reload sent on) does not load,
-        # log and count the same bundle again, until its files change.
+        # Bundles refused by their checks, by their files' identity, so that the next reload
+        # (each worker reloads again on the SIGHUP its own POST /admin/reload sent on) does
+        # not load, log and count the same bundle again, until its files change. Failures
+        # after the checks (building, warming up: out of memory, say) may pass: not kept.
         self._refusals: dict[tuple, ModelReload] = {}
 
     def _engine(self, bundle: Bundle) -> Engine:
         return Engine(self.settings, bundle, self.engine_address,
                       self.metrics.for_model(bundle.manifest))
+
+    def _describe(self, engine: Engine, served: bool) -> None:
+        """``oodserve_model_info`` is 1 for what is served now: not 0 while another engine
+        (a bundle replaced in place at the same version) serves the same series."""
+        if not served and any(s.engine is not None and _info(s.engine) == _info(engine)
+                              for s in self.models.values()):
+            return
+        engine.metrics.describe_model(engine.scorer.device, engine.scorer.dtype_name,
+                                      served=served)
 
     async def start(self, bundles: list[Bundle]) -> None:
         """Serve ``bundles`` (checked already: :func:`check_models`); warm-up goes on in
@@ -222,6 +277,7 @@ class ModelRegistry:
             engine = self._engine(bundle)
             await engine.start()
             self.models[bundle.manifest.name] = Served(engine)
+            self._describe(engine, True)
         engines = [s.engine for s in self.models.values()]
         self._warm_up = asyncio.create_task(self._warm_all(engines))
         if len(names) > 1:
@@ -254,7 +310,8 @@ class ModelRegistry:
             raise ServiceError(404, "version_not_found", f"model {ref.name!r} has no version "
                                f"{version[:200]!r}; it is served at version {ref.version!r}")
         served.leases += 1
-        scope.setdefault(LEASES_KEY, []).append(served)
+        # The registry with the lease: the app's may be gone by the time the request ends.
+        scope.setdefault(LEASES_KEY, []).append((self, served))
         return served.engine
 
     def release(self, served: Served) -> None:
@@ -274,26 +331,26 @@ class ModelRegistry:
 
     async def _stop(self, served: Served) -> None:
         engine, served.engine = served.engine, None
+        if engine is None:
+            return
+        self._describe(engine, False)
+        # The engine lets go of its model and buffers itself (Engine.stop): they are freed
+        # at once, whoever still holds the engine, with no collection of the frozen
+        # generation that warm-up left (which would un-share a forked worker's memory).
         await engine.stop()
-        engine.metrics.describe_model(engine.scorer.device, engine.scorer.dtype_name,
-                                      served=False)
         log.info("stopped %s %s: its last request has been answered", engine.manifest.name,
                  engine.manifest.version)
-        del engine
-        # Warm-up froze what was alive, the old model with it: thaw, collect the old
-        # model's reference cycles, and freeze the rest again. Not at once: the request
-        # whose lease ended last is still unwinding in its own task (its frames hold the
-        # old batcher), and what is frozen again with it would never be collected.
-        await asyncio.sleep(UNWIND_S)
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
 
     async def not_ready_reason(self) -> str | None:
-        """Why ``/readyz`` should answer 503 (None: every model is ready)."""
-        for name, served in sorted(self.models.items()):
-            reason = await served.engine.not_ready_reason()
-            if reason is not None:
+        """Why ``/readyz`` should answer 503 (None: every model is ready). The engines are
+        taken first: a reload may swap one while another is asked; a reason given by an
+        engine swapped out meanwhile does not count."""
+        engines = sorted((name, s.engine) for name, s in self.models.items()
+                         if s.engine is not None)
+        for name, engine in engines:
+            reason = await engine.not_ready_reason()
+            current = self.models.get(name)
+            if reason is not None and current is not None and current.engine is engine:
                 return reason if len(self.models) == 1 else f"model {name}: {reason}"
         return None
 
@@ -304,6 +361,10 @@ class ModelRegistry:
                 message = ("reloading is not supported in the engine layout (the engine "
                            "process hosts the model); restart the service")
                 return [self._refused(self.default, message)]
+            if self._warm_up is not None:
+                # The start's warm-up first: its engines are not to be swapped out (and
+                # stopped) while they warm up. Waited for, not cancelled with this reload.
+                await asyncio.wait([self._warm_up])
             try:
                 found = await asyncio.to_thread(scan, self.settings)
             except BundleError as exc:
@@ -312,13 +373,16 @@ class ModelRegistry:
                 return [ModelReload(name=None, result="refused", version=None,
                                     message=str(exc))]
             report: list[ModelReload] = []
+            # A problem in the directory a model is served from is that model's: it keeps
+            # serving (the directory may be being rewritten), and is not reloaded.
+            served_from = {s.engine.bundle.path: name for name, s in self.models.items()}
             failed = set()
-            for name, message in found.problems:
+            for problem in found.problems:
+                name = problem.name or served_from.get(problem.path)
                 failed.add(name)
-                report.append(self._refused(name, message))
-            for name in sorted(found.chosen):
-                report.append(await self._reload_one(name, found.chosen[name],
-                                                     found.manifests[name]))
+                report.append(self._refused(name, problem.message))
+            for name in sorted(set(found.versions) - failed):
+                report.extend(await self._reload_name(name, found.versions[name]))
             if self.settings.model_repository is None:
                 # One bundle: whatever its name now, it is the model and the default.
                 loaded = [e.name for e in report if e.result == "loaded"]
@@ -327,7 +391,7 @@ class ModelRegistry:
                     self.default = loaded[0]
                 gone = []
             else:
-                gone = sorted(set(self.models) - set(found.chosen) - failed)
+                gone = sorted(set(self.models) - set(found.versions) - failed)
             for name in gone:
                 if name == self.default:
                     report.append(self._refused(name, "the default model cannot be removed "
@@ -351,50 +415,97 @@ class ModelRegistry:
         return ModelReload(name=name, result="refused", version=version,
                            previous_version=version, message=message)
 
-    async def _reload_one(self, name: str, path: Path, manifest: Manifest) -> ModelReload:
+    def _default_problem(self, name: str) -> str | None:
+        """Why new model ``name`` may not be served: with it, the default model could not be
+        told, or would change (as it would for a process starting now)."""
+        try:
+            default = choose_default(self.settings, [*self.models, name])
+        except BundleError as exc:
+            return f"{exc} (a process starting now would not start either)"
+        if default != self.default:
+            return (f"serving it would make it the default model instead of "
+                    f"{self.default!r}; set OODSERVE_DEFAULT_MODEL")
+        return None
+
+    async def _reload_name(self, name: str,
+                           versions: list[tuple[Path, Manifest]]) -> list[ModelReload]:
+        """Serve the highest of ``versions`` that loads, as a start would, but never one
+        below the version serving now while its directory is there."""
         current = self.models.get(name)
         old = current.engine if current else None
-        if old is not None and old.bundle.path == path and old.manifest == manifest:
-            ref = old.model_ref
-            return ModelReload(name=name, result="unchanged", version=ref.version,
-                               previous_version=ref.version)
+        if old is None and self.settings.model_repository is not None:
+            problem = self._default_problem(name)
+            if problem is not None:
+                return [self._refused(name, f"model {name!r} is not served: {problem}")]
+        refused: list[ModelReload] = []
+        for path, manifest in versions:
+            if old is not None and old.bundle.path == path and old.manifest == manifest:
+                ref = old.model_ref
+                return refused or [ModelReload(name=name, result="unchanged",
+                                               version=ref.version,
+                                               previous_version=ref.version)]
+            engine = await self._load(name, path, manifest)
+            if isinstance(engine, ModelReload):
+                refused.append(engine)
+                continue
+            self.models[name] = Served(engine)  # the swap: requests from now on get it
+            self._describe(engine, True)
+            self.metrics.model_reloads.labels("loaded").inc()
+            if current is not None:
+                self._retire(current)
+            previous = old.model_ref.version if old else None
+            log.info("model %s now serves version %s from %s%s", name,
+                     engine.manifest.version, path, f" (was {previous})" if old else " (new)")
+            return [*refused, ModelReload(name=name, result="loaded",
+                                          version=engine.manifest.version,
+                                          previous_version=previous)]
+        return refused
+
+    async def _load(self, name: str, path: Path, manifest: Manifest) -> Engine | ModelReload:
+        """A new engine for the bundle in ``path``, warmed up; or why it is refused."""
+        key = self.settings.bundle_public_key
         identity = (name, path, manifest.model_dump_json(), _stat(path / MANIFEST_FILE),
-                    _stat(path / manifest.weights.file))
+                    _stat(path / manifest.weights.file), _stat(path / SIGNATURE_FILE),
+                    key, key and _stat(key))
         if identity in self._refusals:
             return self._refusals[identity]
         try:
-            bundle = await asyncio.to_thread(load_bundle, path, self.settings.bundle_public_key)
+            bundle = await asyncio.to_thread(load_bundle, path, key)
             if self.settings.model_repository is not None and bundle.manifest.name != name:
                 raise BundleError(f"{path}: its manifest changed while being loaded")
-            engine = self._engine(bundle)
-        except Exception as exc:  # noqa: BLE001 - a refused bundle must never stop serving
-            refused = self._refused(name, str(exc) if isinstance(exc, BundleError)
-                                    else f"{path}: {type(exc).__name__}: {exc}")
-            self._refusals[identity] = refused
-            return refused
-        await engine.start()
-        await engine.warm_up()
-        if not engine.ready:
-            await engine.stop()
-            self._refusals[identity] = self._refused(name, f"{path}: {engine.failure}")
+        except BundleError as exc:
+            self._refusals[identity] = self._refused(name, str(exc))
             return self._refusals[identity]
-        self.models[name] = Served(engine)  # the swap: requests from now on get the new one
-        self.metrics.model_reloads.labels("loaded").inc()
-        if current is not None:
-            self._retire(current)
-        previous = old.model_ref.version if old else None
-        log.info("model %s now serves version %s from %s%s", name, engine.manifest.version,
-                 path, f" (was {previous})" if old else " (new)")
-        return ModelReload(name=name, result="loaded", version=engine.manifest.version,
-                           previous_version=previous)
+        except Exception as exc:  # noqa: BLE001 - a refused bundle must never stop serving
+            return self._refused(name, f"{path}: {type(exc).__name__}: {exc}")
+        engine = None
+        try:
+            # Off the event loop: building moves the model to its device and allocates
+            # the batch buffers, while requests go on being served.
+            engine = await asyncio.to_thread(self._engine, bundle)
+            await engine.start()
+            await engine.warm_up()
+            failure = None if engine.ready else engine.failure
+        except Exception as exc:  # noqa: BLE001 - as above
+            failure = f"{type(exc).__name__}: {exc}"
+        except BaseException:  # cancelled: the new engine must not be left running
+            if engine is not None:
+                await engine.stop()
+            raise
+        if failure is None:
+            return engine
+        if engine is not None:
+            await engine.stop()
+        return self._refused(name, f"{path}: {failure}")
 
     async def stop(self) -> None:
         if self._warm_up is not None:
             self._warm_up.cancel()
         served, self.models = list(self.models.values()), {}
         for s in served:
-            if s.engine is not None:
-                await s.engine.stop()
+            engine, s.engine = s.engine, None
+            if engine is not None:
+                await engine.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
@@ -409,8 +520,5 @@ class LeaseMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            leases = scope.pop(LEASES_KEY, ())
-            if leases:
-                registry: ModelRegistry = scope["app"].state.models
-                for served in leases:
-                    registry.release(served)
+            for registry, served in scope.pop(LEASES_KEY, ()):
+                registry.release(served)

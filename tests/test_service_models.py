@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -26,10 +27,13 @@ from service_helpers import (
     serve,
     settings,
 )
+from test_signing import write_keys
 
-from service.model_registry import choose_default, scan, version_key
+import service.engine
+from service.model_registry import check_models, choose_default, scan, version_key
 from training.bundle import BundleError, load_bundle
 from training.data.archives import file_sha256
+from training.signing import sign_bundle
 
 pytestmark = pytest.mark.anyio
 
@@ -78,17 +82,44 @@ def test_versions_are_ordered_as_dotted_integers():
     assert version_key("1.0.0-rc1") is None and version_key("latest") is None
 
 
-def test_the_highest_version_of_a_name_serves(tmp_path, tiny_bundle, caplog):
+def test_the_highest_version_of_a_name_serves(tmp_path, tiny_bundle):
     repo = tmp_path / "repo"
     repo.mkdir()
     for directory, version in (("v9", "1.9.0"), ("v10", "1.10.0"), ("v2", "1.2.0")):
         copy_bundle(tiny_bundle, repo / directory, version=version)
     shutil.copytree(tiny_bundle, repo / ".v11.staging")  # export_bundle's staging: skipped
     (repo / "notes").mkdir()  # no manifest: not a bundle
-    with caplog.at_level(logging.INFO, logger="oodserve"):
-        found = scan(settings(tiny_bundle, model_repository=repo))
+    found = scan(settings(tiny_bundle, model_repository=repo))
     assert found.chosen == {"test-resnet20": repo / "v10"} and not found.problems
-    assert "ignored" in caplog.text and "v9" in caplog.text
+    # The others, highest first, to fall back on.
+    assert [path.name for path, _ in found.versions["test-resnet20"]] == ["v10", "v9", "v2"]
+
+
+def test_a_start_serves_the_highest_version_that_loads(tmp_path, tiny_bundle, other_bundle,
+                                                       caplog):
+    """A half-copied newest version (refused by a reload, the old one serving on) must not
+    stop the next start: it serves what the running processes serve."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_bundle(tiny_bundle, repo / "alpha-1.0", name="alpha", version="1.0.0")
+    copy_bundle(other_bundle, repo / "alpha-1.1", name="alpha", version="1.1.0")
+    (repo / "alpha-1.1" / "model.safetensors").unlink()  # still being copied
+    copy_bundle(tiny_bundle, repo / "broken", name="beta", version="1.0.0")
+    corrupt(repo / "broken")  # no version of beta loads: beta is not served
+    (repo / "unreadable").mkdir()
+    (repo / "unreadable" / "manifest.json").write_text("{half")
+    with caplog.at_level(logging.WARNING, logger="oodserve"):
+        bundles = check_models(settings(tiny_bundle, model_repository=repo,
+                                        default_model="alpha"))
+    assert [(b.manifest.name, b.manifest.version) for b in bundles] == [("alpha", "1.0.0")]
+    for logged in ("alpha-1.1", "model 'beta': no version of it loads", "unreadable"):
+        assert logged in caplog.text
+    # The default model must be served.
+    with pytest.raises(BundleError, match="'beta' is not served.*does not match"):
+        check_models(settings(tiny_bundle, model_repository=repo, default_model="beta"))
+    (repo / "alpha-1.0" / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="no model can be served"):
+        check_models(settings(tiny_bundle, model_repository=repo))
 
 
 def test_versions_that_cannot_be_ordered_are_a_problem(tmp_path, tiny_bundle):
@@ -102,7 +133,7 @@ def test_versions_that_cannot_be_ordered_are_a_problem(tmp_path, tiny_bundle):
     (repo / "e" / "manifest.json").write_text("{not json")
     found = scan(settings(tiny_bundle, model_repository=repo))
     assert found.chosen == {}
-    problems = dict(found.problems)
+    problems = {name: message for name, message, _ in found.problems}
     assert "cannot order" in problems["test-resnet20"]
     assert "in two directories" in problems["twice"]
     assert "not a valid manifest" in problems[None]
@@ -318,6 +349,205 @@ async def test_a_new_version_directory_leaves_readiness_alone(two_models, reposi
     assert ready.status_code == 200 and ready.json()["reason"] is None
 
 
+def model_info(text: str, name: str, version: str) -> list[float]:
+    """The values of ``oodserve_model_info`` for (name, version), whatever its other labels."""
+    return [s.value for f in text_string_to_metric_families(text)
+            if f.name == "oodserve_model_info" for s in f.samples
+            if (s.labels["name"], s.labels["version"]) == (name, version)]
+
+
+async def wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_second_model_without_a_default_is_refused_at_reload(tmp_path, tiny_bundle,
+                                                                    other_bundle):
+    """Served, it would leave a repository that no process can start on (which model is
+    the default?): refused, saying so."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_bundle(tiny_bundle, repo / "alpha", name="alpha", version="1.0.0")
+    async with serve(settings(tiny_bundle, model_repository=repo)) as client:
+        registry = client.app.state.models
+        copy_bundle(other_bundle, repo / "beta", name="beta", version="1.0.0")
+        [beta] = [e for e in await registry.reload() if e.name == "beta"]
+        assert beta.result == "refused" and "OODSERVE_DEFAULT_MODEL" in beta.message
+        assert registry.names() == ["alpha"]
+        assert (await predict(client, png(noise_image(1)), model="beta")).status_code == 404
+    async with serve(settings(tiny_bundle, model_repository=repo,
+                              default_model="alpha")) as client:
+        assert client.app.state.models.names() == ["alpha", "beta"]
+
+
+async def test_an_unreadable_manifest_in_a_served_directory_keeps_its_model(two_models,
+                                                                           repository):
+    (repository / "beta" / "manifest.json").write_text("{being rewritten")
+    report = await two_models.app.state.models.reload()
+    [beta] = [e for e in report if e.name == "beta"]
+    assert beta.result == "refused" and beta.version == "2.0.0"
+    assert "not a valid manifest" in beta.message
+    body = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    assert body["model"] == {"name": "beta", "version": "2.0.0"}
+
+
+async def test_a_half_copied_version_is_refused_then_loaded_once_complete(
+        two_models, repository, other_bundle, monkeypatch):
+    registry = two_models.app.state.models
+    copy_bundle(other_bundle, repository / "alpha-1.1", name="alpha", version="1.1.0")
+    weights = repository / "alpha-1.1" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])  # still being copied
+    [refused] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert refused.result == "refused" and refused.version == "1.0.0"
+    assert [e.result for e in await registry.reload() if e.name == "alpha"] == ["refused"]
+    text = await metrics_text(two_models)
+    assert metric(text, "oodserve_model_reloads_total", result="refused") == 1  # not again
+
+    built_in = []
+    predictor = service.engine.Predictor.for_settings
+
+    def record(*args, **kwargs):
+        built_in.append(threading.current_thread())
+        return predictor(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine.Predictor, "for_settings", record)
+    weights.write_bytes(data)  # the copy is complete: its files changed, tried again
+    [loaded] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert (loaded.result, loaded.version) == ("loaded", "1.1.0")
+    assert built_in and threading.main_thread() not in built_in  # built off the event loop
+
+
+async def test_a_bundle_replaced_in_place_at_its_version_stays_described(
+        two_models, repository, other_bundle):
+    """One (name, version), two engines one after the other: the old one's stop must not
+    turn off the series the new one serves under."""
+    registry = two_models.app.state.models
+    old_model = weakref.ref(registry.served("beta").engine.bundle.model)
+    before = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    fields = json.loads((repository / "beta" / "manifest.json").read_text())
+    shutil.rmtree(repository / "beta")
+    copy_bundle(other_bundle, repository / "beta", name="beta", version="2.0.0")
+    manifest = repository / "beta" / "manifest.json"
+    replaced = json.loads(manifest.read_text())
+    replaced["classes"] = [f"x{c}" for c in fields["classes"]]  # the manifest changed
+    manifest.write_text(json.dumps(replaced))
+    [beta] = [e for e in await registry.reload() if e.name == "beta"]
+    assert (beta.result, beta.version) == ("loaded", "2.0.0")
+    await wait_for(lambda: old_model() is None, "the old engine was not stopped")
+    after = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    assert after["label"] != before["label"]
+    text = await metrics_text(two_models)
+    assert model_info(text, "beta", "2.0.0") == [1]
+
+
+async def test_a_warm_up_failure_is_refused_undescribed_and_tried_again(
+        two_models, repository, other_bundle, monkeypatch):
+    """A failure after the bundle's checks (out of memory, say) may pass: the next reload
+    tries the same files again."""
+    registry = two_models.app.state.models
+    copy_bundle(other_bundle, repository / "alpha-1.1", name="alpha", version="1.1.0")
+
+    async def failing(self):
+        raise RuntimeError("CUDA out of memory (as it were)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service.engine.LocalScorer, "warm_up", failing)
+        [alpha] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert alpha.result == "refused" and "out of memory" in alpha.message
+    text = await metrics_text(two_models)
+    assert model_info(text, "alpha", "1.1.0") in ([], [0])
+    assert model_info(text, "alpha", "1.0.0") == [1]
+    [alpha] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert (alpha.result, alpha.version) == ("loaded", "1.1.0")
+    text = await metrics_text(two_models)
+    assert model_info(text, "alpha", "1.1.0") == [1]
+
+
+async def test_a_late_signature_is_noticed(tmp_path, tiny_bundle, other_bundle):
+    private, public = write_keys(tmp_path)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sign_bundle(copy_bundle(tiny_bundle, repo / "alpha", name="alpha", version="1.0.0"),
+                private)
+    async with serve(settings(tiny_bundle, model_repository=repo,
+                              bundle_public_key=public)) as client:
+        registry = client.app.state.models
+        new = copy_bundle(other_bundle, repo / "alpha-1.1", name="alpha", version="1.1.0")
+        [alpha] = await registry.reload()
+        assert alpha.result == "refused" and "not signed" in alpha.message
+        sign_bundle(new, private)  # the signature arrives after the files
+        [alpha] = await registry.reload()
+        assert (alpha.result, alpha.version) == ("loaded", "1.1.0")
+
+
+def held_warm_up(monkeypatch) -> tuple[asyncio.Event, asyncio.Event, list]:
+    """Warm-ups wait for ``release`` (``entered`` once one does); the engines warmed."""
+    entered, release, engines = asyncio.Event(), asyncio.Event(), []
+    warm_up = service.engine.Engine.warm_up
+
+    async def held(self):
+        engines.append(self)
+        entered.set()
+        await release.wait()
+        await warm_up(self)
+
+    monkeypatch.setattr(service.engine.Engine, "warm_up", held)
+    return entered, release, engines
+
+
+async def test_a_reload_waits_for_the_start_warm_up(repository, tiny_bundle, other_bundle,
+                                                    monkeypatch):
+    entered, release, engines = held_warm_up(monkeypatch)
+    async with serve(settings(tiny_bundle, model_repository=repository,
+                              default_model="alpha"), wait_ready=False) as client:
+        registry = client.app.state.models
+        await entered.wait()
+        copy_bundle(other_bundle, repository / "alpha-1.1", name="alpha", version="1.1.0")
+        reload = asyncio.create_task(registry.reload())
+        await asyncio.sleep(0.2)
+        assert not reload.done() and registry.served("alpha").engine is engines[0]
+        release.set()
+        [alpha] = [e for e in await reload if e.name == "alpha"]
+        assert (alpha.result, alpha.version) == ("loaded", "1.1.0")
+        assert engines[0].failure is None  # warmed up, not stopped under its warm-up
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_cancelled_reload_stops_its_new_engine(two_models, repository, other_bundle,
+                                                       monkeypatch):
+    registry = two_models.app.state.models
+    entered, _, engines = held_warm_up(monkeypatch)
+    copy_bundle(other_bundle, repository / "alpha-1.1", name="alpha", version="1.1.0")
+    reload = asyncio.create_task(registry.reload())
+    await entered.wait()
+    reload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reload
+    [new] = engines
+    assert new.scorer.batcher._task.done() and new.bundle.model is None  # stopped, let go
+    assert registry.served("alpha").engine.model_ref.version == "1.0.0"
+
+
+async def test_a_lease_ends_after_the_app_let_go_of_the_registry(two_models):
+    """A request that ends during shutdown (the app's registry already gone) still gives
+    its lease back."""
+    registry = two_models.app.state.models
+    served = registry.served("alpha")
+    entered, release = asyncio.Event(), asyncio.Event()
+    hold(served.engine.scorer, entered, release)
+    request = asyncio.create_task(predict(two_models, png(noise_image(1))))
+    await entered.wait()
+    assert served.leases == 1
+    two_models.app.state.models = None
+    release.set()
+    assert (await request).status_code == 200
+    two_models.app.state.models = registry
+    assert served.leases == 0
+
+
 # -- reload of a running service -------------------------------------------------------------
 
 def test_sighup_reloads_a_single_process_service(tmp_path, tiny_bundle, other_bundle):
@@ -398,8 +628,12 @@ def test_reload_under_load_with_two_workers(tmp_path, tiny_bundle, other_bundle)
             assert report["models"][0]["result"] == "refused", report
             await until(lambda: all(len(s) >= n + 3 for s, n in zip(seen, switched)),
                         "too few answers after the refused reload")
-            await asyncio.sleep(1)  # the other worker's refusal, after the answer
-            text = (await admin.get("/metrics")).text
+            # The other worker refuses it just after the answer: both refusals counted.
+            deadline = time.monotonic() + 60
+            while metric(text := (await admin.get("/metrics")).text,
+                         "oodserve_model_reloads_total", result="refused") < 2:
+                assert time.monotonic() < deadline, f"one refusal only\n{log.read_text()}"
+                await asyncio.sleep(0.1)
         stop.set()
         await load
         assert all(len(s) > n for s, n in zip(seen, marks))
