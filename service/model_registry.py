@@ -447,6 +447,8 @@ class ModelRegistry:
             engine = await self._load(name, path, manifest)
             if isinstance(engine, ModelReload):
                 refused.append(engine)
+                if old is not None and path == old.bundle.path:
+                    break  # the serving directory, changed in place: it serves on
                 continue
             self.models[name] = Served(engine)  # the swap: requests from now on get it
             self._describe(engine, True)

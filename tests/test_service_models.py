@@ -393,6 +393,24 @@ async def test_an_unreadable_manifest_in_a_served_directory_keeps_its_model(two_
     assert body["model"] == {"name": "beta", "version": "2.0.0"}
 
 
+async def test_a_served_directory_broken_in_place_serves_on_not_an_older_version(
+        two_models, repository, tiny_bundle):
+    registry = two_models.app.state.models
+    copy_bundle(tiny_bundle, repository / "alpha-0.9", name="alpha", version="0.9.0")
+    assert [e.result for e in await registry.reload() if e.name == "alpha"] == ["unchanged"]
+    manifest = repository / "alpha" / "manifest.json"
+    fields = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**fields, "version": "1.0.1"}))  # changed in place...
+    corrupt(repository / "alpha")  # ...and its weights not there yet
+    [alpha] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert (alpha.result, alpha.version) == ("refused", "1.0.0")
+    shutil.rmtree(repository / "alpha")
+    shutil.copytree(repository / "alpha-0.9", repository / "alpha")
+    manifest.write_text(json.dumps({**fields, "version": "1.0.1"}))  # now complete
+    [alpha] = [e for e in await registry.reload() if e.name == "alpha"]
+    assert (alpha.result, alpha.version) == ("loaded", "1.0.1")
+
+
 async def test_a_half_copied_version_is_refused_then_loaded_once_complete(
         two_models, repository, other_bundle, monkeypatch):
     registry = two_models.app.state.models
