@@ -119,44 +119,36 @@ def _model_metadata(engine: Engine) -> ModelMetadata:
                  for name, (datatype, _) in OUTPUTS.items()])
 
 
+# Each model route also exists per version (``.../versions/{version}/...``): one function
+# serves both paths and reads ``version`` from the path when it has one (declared as a
+# parameter, FastAPI would read it from the query string on the path without it).
+
+def _version(request: Request) -> str | None:
+    return request.path_params.get("version")
+
+
 @router.get("/models/{name}")
-async def model_metadata(request: Request, name: str) -> ModelMetadata:
-    return _model_metadata(await engine_for(request, name))
-
-
 @router.get("/models/{name}/versions/{version}")
-async def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
-    return _model_metadata(await engine_for(request, name, version))
+async def model_metadata(request: Request, name: str) -> ModelMetadata:
+    return _model_metadata(await engine_for(request, name, _version(request)))
 
 
-async def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
-    engine = await engine_for(request, name, version)
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str) -> JSONResponse:
+    engine = await engine_for(request, name, _version(request))
     reason = await engine.not_ready_reason()
     body = ModelReady(name=engine.model_ref.name, ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(exclude_none=True),
                         status_code=200 if reason is None else 503)
 
 
-@router.get("/models/{name}/ready")
-async def model_ready(request: Request, name: str) -> JSONResponse:
-    return await _model_ready(request, name, None)
-
-
-@router.get("/models/{name}/versions/{version}/ready")
-async def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
-    return await _model_ready(request, name, version)
-
-
 # -- inference ----------------------------------------------------------------------------
 
 @router.post("/models/{name}/infer")
-async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, name, None)
-
-
 @router.post("/models/{name}/versions/{version}/infer")
-async def infer_version(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, name, version)
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, _version(request))
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
