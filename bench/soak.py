@@ -49,14 +49,14 @@ MAX_GROWTH = 0.10
 
 # -- load generator (runs in its own process) ------------------------------------------
 
-def _request(port: int, path: str, body: bytes, content_type: str | None) -> bytes:
+def raw_request(port: int, path: str, body: bytes, content_type: str | None) -> bytes:
     head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}"]
     if content_type:
         head.append(f"Content-Type: {content_type}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def _multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
                     f"filename=\"x.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + data
@@ -68,7 +68,7 @@ class Answer(Exception):
     """The connection ended or misbehaved before a whole answer arrived."""
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """(status, whether the server will close the connection)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -87,7 +87,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, headers.get("connection", "").lower() == "close"
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
@@ -123,7 +123,7 @@ async def _load(port: int, requests: list[dict], good: list[int], batches: list[
                 continue
             sent += 1
             try:
-                status, closes = await asyncio.wait_for(_read_response(reader),
+                status, closes = await asyncio.wait_for(read_response(reader),
                                                         REQUEST_TIMEOUT)
             except (Answer, ConnectionError, OSError, TimeoutError) as exc:
                 failures.append(f"{req['kind']}: {exc!r}")
@@ -194,17 +194,17 @@ def write_requests(folder: Path, port: int, images: list[bytes], cases) -> list[
     out = []
 
     def add(group: str, kind: str, path: str, body: bytes, ctype: str | None, expected: int):
-        data = _request(port, path, body, ctype)
+        data = raw_request(port, path, body, ctype)
         name = f"{len(out):05d}.http"
         (folder / name).write_bytes(data)
         out.append({"group": group, "kind": kind, "file": name, "expected": expected,
                     "head": len(data) - len(body)})
 
     for data in images:
-        add("good", "predict", "/predict", *_multipart([("image", data)]), 200)
+        add("good", "predict", "/predict", *multipart([("image", data)]), 200)
     for _ in range(64):
         add("batch", "predict_batch", "/predict/batch",
-            *_multipart([("images", rng.choice(images)) for _ in range(4)]), 200)
+            *multipart([("images", rng.choice(images)) for _ in range(4)]), 200)
     for case in cases:
         add("bad", case.name, case.path, case.body, case.content_type, case.status)
     return out
@@ -228,7 +228,8 @@ def summarize(result: dict, rss: list[tuple[float, int]], warmup: float, window:
         mem = [kib for t, kib in rss if lo <= t < hi]
         windows.append({"from_s": lo, "to_s": hi, "answered": len(lat),
                         "req_s": len(lat) / (hi - lo) if hi > lo else 0.0,
-                        "p50_ms": _pct(lat, 0.50) * 1000, "p99_ms": _pct(lat, 0.99) * 1000,
+                        "p50_ms": percentile(lat, 0.50) * 1000,
+                        "p99_ms": percentile(lat, 0.99) * 1000,
                         "max_ms": (lat[-1] * 1000) if lat else float("nan"),
                         "server_errors": sum(1 for r in records if (lo <= r[0] < hi)
                                              and r[2] >= 500),
@@ -245,7 +246,8 @@ def summarize(result: dict, rss: list[tuple[float, int]], warmup: float, window:
         "unexpected": unexpected, "unexpected_count": sum(
             sum(v.values()) for v in unexpected.values()),
         "bad_requests": sum(1 for r in records if r[4] not in ("predict", "predict_batch")),
-        "p50_ms": _pct(latencies, 0.5) * 1000, "p99_ms": _pct(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
         "windows": windows,
         "rss_after_warmup_mib": at_warmup / 1024, "rss_end_mib": at_end / 1024,
