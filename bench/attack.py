@@ -141,9 +141,9 @@ async def _close(writer: asyncio.StreamWriter | None) -> None:
 
 
 async def _exchange(port: int, request: bytes, timeout: float,
-                    conn: list) -> tuple[int, bool]:
+                    conn: list) -> tuple[int, bool, bytes]:
     """Send ``request`` on ``conn`` ([reader, writer], opened if empty) and read the
-    answer: (status, whether the server closes the connection)."""
+    answer: (status, whether the server closes the connection, body)."""
     if not conn:
         conn.extend(await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout))
     reader, writer = conn
@@ -155,18 +155,53 @@ async def _exchange(port: int, request: bytes, timeout: float,
     return await asyncio.wait_for(read_response(reader), timeout)
 
 
+class Log:
+    """Each request's (time sent, latency, status or why no answer came), the first answer
+    body of each status other than 200 (the service's reason for it), and the outcome of
+    each image of the batch requests answered 200 (scored, or its error code)."""
+
+    def __init__(self):
+        self.entries: list[tuple[float, float, int | str]] = []
+        self.examples: dict[str, str] = {}
+        self.failures: list[str] = []
+        self.images: Counter = Counter()
+
+    def answer(self, t0: float, status: int, body: bytes) -> None:
+        self.entries.append((t0, time.perf_counter() - t0, status))
+        if status != 200:
+            self.examples.setdefault(str(status), body[:300].decode("utf-8", "replace"))
+        elif b'"results"' in body:
+            for entry in json.loads(body)["results"]:
+                error = entry.get("error")
+                self.images["scored" if error is None else
+                            error.get("code", "error") if isinstance(error, dict) else
+                            str(error)] += 1
+
+    def no_answer(self, t0: float, exc: BaseException) -> None:
+        self.entries.append((t0, time.perf_counter() - t0, f"no answer ({type(exc).__name__})"))
+        if len(self.failures) < 20:
+            self.failures.append(repr(exc))
+
+    def latencies(self, status: int | None = None) -> list[float]:
+        return [t for _, t, s in self.entries if status is None or s == status]
+
+    def statuses(self) -> dict[str, int]:
+        counts = Counter(str(s) for _, _, s in self.entries)
+        return {k: counts[k] for k in sorted(counts)}
+
+
 async def probe(port: int, requests: list[bytes], stop: asyncio.Event, timeout: float,
-                log: list[tuple[float, int | str]]) -> None:
+                log: Log) -> None:
     """One request at a time, each on a new connection, until ``stop``."""
     i = 0
     while not stop.is_set():
         conn: list = []
         t0 = time.perf_counter()
         try:
-            status, _ = await _exchange(port, requests[i % len(requests)], timeout, conn)
+            status, _, body = await _exchange(port, requests[i % len(requests)], timeout, conn)
+            log.answer(t0, status, body)
         except FAILURES as exc:
-            status = f"no answer ({type(exc).__name__})"
-        log.append((time.perf_counter() - t0, status))
+            log.no_answer(t0, exc)
         await _close(conn[1] if conn else None)
         i += 1
 
@@ -180,42 +215,40 @@ async def sample_rss(pid: int, stop: asyncio.Event, samples: list[int]) -> None:
             pass
 
 
-async def keep_sending(port: int, request: bytes, end: float, timeout: float,
-                       log: list[tuple[float, int | str]], failures: list[str],
+async def keep_sending(port: int, request: bytes, end: float, timeout: float, log: Log,
                        retry_pause: float = 0.0) -> None:
     """Closed loop on one keep-alive connection (reopened when the server closes it or it
-    fails) until ``end``; each request's (latency, status or why it got no answer)."""
+    fails) until ``end``."""
     conn: list = []
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         try:
-            status, closes = await _exchange(port, request, timeout, conn)
+            status, closes, body = await _exchange(port, request, timeout, conn)
         except FAILURES as exc:
-            log.append((time.perf_counter() - t0, f"no answer ({type(exc).__name__})"))
-            if len(failures) < 20:
-                failures.append(repr(exc))
+            log.no_answer(t0, exc)
             await _close(conn[1] if conn else None)
             conn = []
             await asyncio.sleep(retry_pause)
             continue
-        log.append((time.perf_counter() - t0, status))
+        log.answer(t0, status, body)
         if closes:
             await _close(conn[1])
             conn = []
     await _close(conn[1] if conn else None)
 
 
-def statuses(log: list[tuple[float, int | str]]) -> dict[str, int]:
-    counts = Counter(str(s) for _, s in log)
-    return {k: counts[k] for k in sorted(counts)}
-
-
 # -- scenarios -------------------------------------------------------------------------
+
+def _summary(log: Log) -> dict:
+    return {**latency_summary(log.latencies()), "statuses": log.statuses(),
+            "answer_examples": log.examples, "failure_examples": log.failures,
+            "images_in_200_answers": dict(log.images)}
+
 
 async def _attack(server: Server, args: argparse.Namespace, probe_requests: list[bytes],
                   attack_request: bytes) -> dict:
     port, pid = server.port, server.proc.pid
-    alone: list = []
+    alone, under, attack = Log(), Log(), Log()
     stop = asyncio.Event()
     task = asyncio.create_task(probe(port, probe_requests, stop, args.timeout, alone))
     await asyncio.sleep(args.baseline)
@@ -224,13 +257,13 @@ async def _attack(server: Server, args: argparse.Namespace, probe_requests: list
 
     rss_before = tree_rss_kib(pid)
     stop, done = asyncio.Event(), asyncio.Event()
-    under, attack_log, failures, samples = [], [], [], [rss_before]
+    samples = [rss_before]
     sampler = asyncio.create_task(sample_rss(pid, done, samples))
     prober = asyncio.create_task(probe(port, probe_requests, stop, args.timeout, under))
     cpu, started = tree_cpu_seconds(pid), time.perf_counter()
     end = started + args.duration
-    await asyncio.gather(*(keep_sending(port, attack_request, end, args.timeout, attack_log,
-                                        failures) for _ in range(args.attack_concurrency)))
+    await asyncio.gather(*(keep_sending(port, attack_request, end, args.timeout, attack)
+                           for _ in range(args.attack_concurrency)))
     attack_s = time.perf_counter() - started
     cpu = tree_cpu_seconds(pid) - cpu
     stop.set()
@@ -240,43 +273,54 @@ async def _attack(server: Server, args: argparse.Namespace, probe_requests: list
     await asyncio.sleep(args.settle)
     rss_after = tree_rss_kib(pid)
     return {
-        "attack_requests": len(attack_log), "attack_statuses": statuses(attack_log),
-        "attack_latency": latency_summary([t for t, _ in attack_log]),
-        "attack_failure_examples": failures, "attack_s": attack_s,
-        "server_cpu_s": cpu,
-        "probe_alone": {**latency_summary([t for t, _ in alone]), "statuses": statuses(alone)},
-        "probe_under_attack": {**latency_summary([t for t, _ in under]),
-                               "statuses": statuses(under)},
+        "attack": _summary(attack), "attack_s": attack_s, "server_cpu_s": cpu,
+        "probe_alone": _summary(alone), "probe_under_attack": _summary(under),
         "rss_before_mib": rss_before / 1024, "rss_peak_mib": max(samples) / 1024,
         "rss_after_mib": rss_after / 1024, "rss_after_ratio": rss_after / rss_before,
         "processes": len(process_tree(pid)),
     }
 
 
+def _windows(entries: list[tuple[float, float, int | str]], started: float, width: float,
+             duration: float) -> list[dict]:
+    """By the time each request was sent: how many, their outcomes, the 200s' latency."""
+    rows = []
+    for w in range(math.ceil(duration / width)):
+        lo, hi = w * width, min((w + 1) * width, duration)
+        rows_in = [(t, s) for t0, t, s in entries if lo <= t0 - started < hi]
+        ok = [t for t, s in rows_in if s == 200]
+        rows.append({"from_s": lo, "to_s": hi, "sent": len(rows_in), "ok": len(ok),
+                     "refused": sum(1 for _, s in rows_in if s == 503),
+                     "lost": sum(1 for _, s in rows_in if isinstance(s, str)),
+                     **{f"ok_{k}": v for k, v in latency_summary(ok).items() if k != "count"}})
+    return rows
+
+
 async def _overload(server: Server, args: argparse.Namespace, requests: list[bytes]) -> dict:
     port, pid = server.port, server.proc.pid
     scored = scored_images(port)
-    log: list = []
-    failures: list[str] = []
+    log = Log()
     cpu, own = tree_cpu_seconds(pid), time.process_time()
     started = time.perf_counter()
     end = started + args.overload_duration
     # A client whose connect fails waits a little before the next try, so that a refused
     # connect is not repeated in a tight loop that starves the other clients.
     await asyncio.gather(*(keep_sending(port, requests[k % len(requests)], end, args.timeout,
-                                        log, failures, retry_pause=0.1)
+                                        log, retry_pause=0.1)
                            for k in range(args.concurrency)))
     elapsed = time.perf_counter() - started
     cpu, own = tree_cpu_seconds(pid) - cpu, time.process_time() - own
     await asyncio.sleep(1.0)  # the counters are written after the answers
     scored = scored_images(port) - scored
-    ok = [t for t, s in log if s == 200]
-    refused = [t for t, s in log if s == 503]
-    lost = sum(1 for _, s in log if isinstance(s, str))
+    ok = log.latencies(200)
+    lost = sum(1 for _, _, s in log.entries if isinstance(s, str))
     return {
-        "sent": len(log), "answered": len(log) - lost, "lost": lost,
-        "statuses": statuses(log), "failure_examples": failures,
-        "admitted_latency": latency_summary(ok), "refused_latency": latency_summary(refused),
+        "sent": len(log.entries), "answered": len(log.entries) - lost, "lost": lost,
+        "statuses": log.statuses(), "answer_examples": log.examples,
+        "failure_examples": log.failures,
+        "admitted_latency": latency_summary(ok),
+        "refused_latency": latency_summary(log.latencies(503)),
+        "windows": _windows(log.entries, started, args.window, args.overload_duration),
         "elapsed_s": elapsed, "answered_200_per_s": len(ok) / elapsed,
         "images_scored": scored, "images_answered_200": len(ok),
         "scored_beyond_200": scored - len(ok),
@@ -305,6 +349,13 @@ def _ms(summary: dict) -> str:
             f"{summary['max_ms']:9.1f}")
 
 
+def _print_examples(r: dict, who: str) -> None:
+    for status, body in r["answer_examples"].items():
+        print(f"  {who}: first {status} answer: {body}")
+    for example in r["failure_examples"][:5]:
+        print(f"  {who}: no answer: {example}")
+
+
 def print_attack(r: dict, args: argparse.Namespace) -> dict[str, bool]:
     print(f"\nattack: {args.attack_concurrency} x /predict/batch of {args.attack_images} "
           f"all-zero {args.attack_side}x{args.attack_side} PNGs ({r['attack_body_bytes']:,} "
@@ -314,7 +365,12 @@ def print_attack(r: dict, args: argparse.Namespace) -> dict[str, bool]:
     print(f"{'probe alone':26s} {_ms(r['probe_alone'])}  {r['probe_alone']['statuses']}")
     print(f"{'probe under attack':26s} {_ms(r['probe_under_attack'])}  "
           f"{r['probe_under_attack']['statuses']}")
-    print(f"{'attack requests':26s} {_ms(r['attack_latency'])}  {r['attack_statuses']}")
+    print(f"{'attack requests':26s} {_ms(r['attack'])}  {r['attack']['statuses']}")
+    _print_examples(r["probe_under_attack"], "probe")
+    _print_examples(r["attack"], "attack")
+    if r["attack"]["images_in_200_answers"]:
+        print(f"  attack: images of the batch requests answered 200: "
+              f"{r['attack']['images_in_200_answers']}")
     print(f"server RSS (sum over its processes): before {r['rss_before_mib']:.1f} MiB, peak "
           f"{r['rss_peak_mib']:.1f} MiB, {args.settle:.0f} s after {r['rss_after_mib']:.1f} "
           f"MiB (x{r['rss_after_ratio']:.3f}); server CPU during the attack "
@@ -336,12 +392,16 @@ def print_overload(r: dict, args: argparse.Namespace) -> dict[str, bool]:
     print(f"{'':26s} {'count':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     print(f"{'admitted (200)':26s} {_ms(r['admitted_latency'])}")
     print(f"{'refused (503)':26s} {_ms(r['refused_latency'])}")
+    print(f"by the time sent: {'window':>13} {'sent':>7} {'200':>6} {'503':>7} {'lost':>5} "
+          f"{'200 p50 ms':>11} {'200 p99 ms':>11}")
+    for w in r["windows"]:
+        print(f"{'':17s} {w['from_s']:5.0f}-{w['to_s']:5.0f} s {w['sent']:7d} {w['ok']:6d} "
+              f"{w['refused']:7d} {w['lost']:5d} {w['ok_p50_ms']:11.1f} {w['ok_p99_ms']:11.1f}")
     print(f"200 answers {r['answered_200_per_s']:.1f}/s; images scored {r['images_scored']:.0f} "
           f"vs answered 200 {r['images_answered_200']}: {r['scored_beyond_200']:.0f} scored "
           f"for requests not answered 200; CPU: server {r['server_cpu_s']:.1f} s, clients "
           f"{r['client_cpu_s']:.1f} s")
-    for example in r["failure_examples"][:5]:
-        print(f"  no answer: {example}")
+    _print_examples(r, "overload")
     return {
         "overload: zero lost": r["lost"] == 0,
         f"overload: p99 of admitted <= {ADMITTED_P99_S:g} s":
@@ -381,6 +441,8 @@ def main() -> None:
                              "OODSERVE_MAX_IMAGE_PIXELS)")
     parser.add_argument("--concurrency", type=int, default=2500, help="overload clients")
     parser.add_argument("--overload-duration", type=float, default=30.0)
+    parser.add_argument("--window", type=float, default=5.0,
+                        help="seconds per row of the overload's table")
     parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                         help="seconds without an answer after which a request is lost")
     parser.add_argument("--data", default=DEFAULT_DATA, help="probe and overload images")

@@ -68,8 +68,8 @@ class Answer(Exception):
     """The connection ended or misbehaved before a whole answer arrived."""
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether the server will close the connection)."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """(status, whether the server will close the connection, body)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -81,10 +81,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     if "content-length" not in headers:
         raise Answer(f"response without Content-Length: {lines[0]}")
     try:
-        await reader.readexactly(int(headers["content-length"]))
+        body = await reader.readexactly(int(headers["content-length"]))
     except asyncio.IncompleteReadError:
         raise Answer("connection closed in the middle of the response body") from None
-    return status, headers.get("connection", "").lower() == "close"
+    return status, headers.get("connection", "").lower() == "close", body
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,8 +123,8 @@ async def _load(port: int, requests: list[dict], good: list[int], batches: list[
                 continue
             sent += 1
             try:
-                status, closes = await asyncio.wait_for(read_response(reader),
-                                                        REQUEST_TIMEOUT)
+                status, closes, _ = await asyncio.wait_for(read_response(reader),
+                                                           REQUEST_TIMEOUT)
             except (Answer, ConnectionError, OSError, TimeoutError) as exc:
                 failures.append(f"{req['kind']}: {exc!r}")
                 writer.close()

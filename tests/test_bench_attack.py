@@ -18,8 +18,8 @@ def test_attack_bench_reports_both_scenarios(tiny_bundle, tmp_path):
         [sys.executable, "bench/attack.py", "--bundle", str(tiny_bundle), "--synthetic",
          "--images", "8", "--duration", "2", "--baseline", "1", "--settle", "1",
          "--attack-concurrency", "2", "--attack-images", "2", "--attack-side", "64",
-         "--concurrency", "50", "--overload-duration", "2", "--port", str(free_port()),
-         "--json", str(out)],
+         "--concurrency", "50", "--overload-duration", "2", "--window", "1",
+         "--port", str(free_port()), "--json", str(out)],
         cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=180, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
@@ -28,7 +28,8 @@ def test_attack_bench_reports_both_scenarios(tiny_bundle, tmp_path):
 
     attack = report["attack"]
     # Two small zero images are valid input: every attack and probe request is scored.
-    assert attack["attack_requests"] > 0 and set(attack["attack_statuses"]) == {"200"}
+    assert attack["attack"]["count"] > 0 and set(attack["attack"]["statuses"]) == {"200"}
+    assert attack["attack"]["images_in_200_answers"] == {"scored": 2 * attack["attack"]["count"]}
     for probe in ("probe_alone", "probe_under_attack"):
         assert attack[probe]["count"] > 0 and set(attack[probe]["statuses"]) == {"200"}
         assert 0 < attack[probe]["p50_ms"] <= attack[probe]["p99_ms"] <= attack[probe]["max_ms"]
@@ -42,6 +43,8 @@ def test_attack_bench_reports_both_scenarios(tiny_bundle, tmp_path):
     # /metrics counted exactly the images answered 200.
     assert overload["images_scored"] == overload["images_answered_200"] == overload["sent"]
     assert overload["scored_beyond_200"] == 0
+    windows = overload["windows"]  # 1 s each
+    assert len(windows) == 2 and all(w["sent"] == w["ok"] > 0 for w in windows)
     for scenario in (attack, overload):
         assert scenario["exit_code"] in (0, -15) and not scenario["server_log_errors"]
 
