@@ -19,7 +19,9 @@ Two bounds, both per process and per served model:
   it has given up on is worse off than one told to retry. The throughput is an exponentially
   weighted average of images per second over the scorer's completed batches
   (:class:`Throughput`), each timed from the previous one's end when images were waiting or
-  being decoded then, so that it follows decoding too when decoding is the bottleneck. While
+  being decoded then, so that it follows decoding too when decoding is the bottleneck; it
+  starts from a full batch timed at warm-up (in the engine layout, the worker has no such
+  pass and waits for a few answers instead). While
   less than one full batch is outstanding the time bound does not apply: those images go in
   one forward pass whatever the estimate says, and at low load the measured rate (small
   batches) understates what the model does under load.
@@ -43,20 +45,28 @@ class Throughput:
     batch a sample: its images over the time it took)."""
 
     WEIGHT = 0.2  # of the newest batch: a few batches follow a change of load or device
-    # Batches measured before the rate is used: the first passes at each new batch size are
-    # slow (the CPU's convolution kernels are prepared per input shape), and a rate that
-    # still holds them much would shed requests at the start of a load that the model keeps
-    # up with (0.8 ** 8: the first batch's part has fallen under a fifth).
+    # Batches measured before the rate is used, unless it was seeded: the first passes at
+    # each new batch size are slow (the CPU's convolution kernels are prepared per input
+    # shape), and a rate that still holds them much would shed requests at the start of a
+    # load that the model keeps up with (0.8 ** 8: the first batch's part is under a fifth).
     SETTLE = 8
 
     def __init__(self) -> None:
         self.rate: float | None = None  # None until a batch has completed
         self.batches = 0
+        self.seeded = False
+
+    def seed(self, images: int, seconds: float) -> None:
+        """Start from a warm full batch timed at warm-up: the model's own pace, faster than
+        the service's under load (no decoding), which the batches then pull it down to."""
+        self.record(images, seconds)
+        self.seeded = self.rate is not None
 
     @property
     def settled_rate(self) -> float | None:
-        """:attr:`rate` once :data:`SETTLE` batches have been measured, else None."""
-        return self.rate if self.batches >= self.SETTLE else None
+        """:attr:`rate` once seeded or :data:`SETTLE` batches have been measured, else
+        None."""
+        return self.rate if self.seeded or self.batches >= self.SETTLE else None
 
     def record(self, images: int, seconds: float) -> None:
         if images <= 0 or seconds <= 0:

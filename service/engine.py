@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -74,6 +75,18 @@ class LocalScorer:
     async def warm_up(self) -> None:
         sizes = sorted({1, self.max_batch_size})
         await self.batcher.run_in_thread(lambda: self.predictor.warm_up(sizes))
+        # One more full batch, now warm, timed: admission's first estimate of the throughput
+        # (service/admission.py), so that its wait bound holds from the first burst instead
+        # of the count bound alone until batches have been measured.
+        full = [torch.zeros(self.predictor.input_shape)] * self.max_batch_size
+
+        def timed_pass() -> float:
+            started = time.perf_counter()
+            self.predictor(full)
+            return time.perf_counter() - started
+
+        self.batcher.throughput.seed(self.max_batch_size,
+                                     await self.batcher.run_in_thread(timed_pass))
 
     def not_ready_reason(self) -> str | None:
         return None

@@ -296,3 +296,14 @@ async def test_without_load_nothing_is_refused_and_no_place_is_kept(tiny_bundle)
             assert (await predict(client, png(noise_image(3)))).status_code == 200
         response = await batch(client, [4, 5, 6, 7])  # the whole queue is free
         assert response.status_code == 200, response.text
+
+
+async def test_the_wait_bound_holds_from_the_first_burst(tiny_bundle):
+    """Warm-up times a full batch, so admission has a throughput before any request: a burst
+    that arrives first is bounded by its expected wait, not by the queue's count alone."""
+    async with serve(settings(tiny_bundle)) as client:
+        engine = client.app.state.models.served().engine
+        throughput = engine.scorer.batcher.throughput
+        assert throughput.seeded and throughput.settled_rate > 0
+        assert engine.admission.expected_wait_s(engine.admission.full_batch()) is not None
+
