@@ -48,7 +48,7 @@ class Throughput:
     # Batches measured before the rate is used, unless it was seeded: the first passes at
     # each new batch size are slow (the CPU's convolution kernels are prepared per input
     # shape), and a rate that still holds them much would shed requests at the start of a
-    # load that the model keeps up with (0.8 ** 8: the first batch's part is under a fifth).
+    # load that the model keeps up with (after 8, the first batch weighs 0.8 ** 7 = 0.21).
     SETTLE = 8
 
     def __init__(self) -> None:

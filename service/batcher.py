@@ -93,6 +93,8 @@ class Batcher(Generic[R]):
             self._preparing -= 1
             if self._preparing == 0:
                 self._dispatch.set()
+                if not self._pending:  # nothing on its way (an image given up): idle from here
+                    self._backlog_at_last_finish = False
 
     async def submit(self, image: torch.Tensor) -> R:
         """Score one image; resolves when the batch it joined has been run."""
@@ -143,8 +145,6 @@ class Batcher(Generic[R]):
                 # capacity).
                 since = self._last_finished if self._backlog_at_last_finish else started
                 self.throughput.record(len(batch), finished - since)
-                self._last_finished = finished
-                self._backlog_at_last_finish = bool(self._pending) or self._preparing > 0
             except Exception as exc:
                 # Logged once, with its traceback, under the id that each of the batch's
                 # requests gets in its 500; the next batch runs as usual.
@@ -158,7 +158,9 @@ class Batcher(Generic[R]):
                 continue
             finally:
                 self.running = 0
-                self._metrics.inference_duration.observe(time.perf_counter() - started)
+                self._last_finished = time.perf_counter()
+                self._metrics.inference_duration.observe(self._last_finished - started)
+                self._backlog_at_last_finish = bool(self._pending) or self._preparing > 0
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)

@@ -10,7 +10,9 @@ Versions of one name that are not all dotted integers, or two directories at the
 version, cannot be ordered. At a start, a name with no version that loads (or that cannot
 be ordered) and a directory whose manifest cannot be read are logged and not served: the
 start goes on without them, as a running process reloading the same repository would, and
-fails only when the default model cannot be served (:func:`check_models`).
+fails only when the default model cannot be served (:func:`check_models`). Not alike: a
+version that passes those checks but fails to warm up is refused by a reload, while a start
+serves it, not ready, since it falls back only on the checks.
 
 Reload (:meth:`ModelRegistry.reload`; SIGHUP or ``POST /admin/reload``): the repository is
 scanned again; for each name, the versions above the one serving now whose directory or
@@ -210,12 +212,15 @@ def check_models(settings: Settings) -> list[Bundle]:
     return bundles
 
 
-def _stat(path: Path) -> tuple[int, int, int] | None:
+def _stat(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes with a file: its contents (size, mtime), its replacement (inode), and
+    its permissions or owner (ctime: a bundle refused as unreadable is tried again once
+    they are fixed)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _info(engine: Engine) -> tuple[str, ...]:

@@ -213,9 +213,8 @@ async def test_a_failed_forward_pass_fails_its_requests_not_the_service(tiny_bun
 async def test_throughput_follows_decoding_when_decoding_is_the_bottleneck():
     """A forward pass that takes no time, fed one image every 20 ms by a decoder that is
     always busy: the measured rate is the pace images arrive at (about 50/s, less on a loaded
-    machine), which is what
-    the queue drains at, not the forward pass's own (thousands a second). After an idle
-    gap, the gap is not counted."""
+    machine), which is what the queue drains at, not the forward pass's own (thousands a
+    second). After an idle gap, the gap is not counted."""
     histogram = SimpleNamespace(observe=lambda value: None)
     metrics = SimpleNamespace(queue_wait=histogram, batch_size=histogram,
                               inference_duration=histogram)
@@ -227,15 +226,40 @@ async def test_throughput_follows_decoding_when_decoding_is_the_bottleneck():
         decoding.__enter__()
         for i in range(40):  # the first batch's (instant) sample weighs 0.8**39 at the end
             await asyncio.sleep(0.02)  # image i is being decoded
-            done, decoding = decoding, batcher.preparing() if i < 39 else None
-            if decoding is not None:  # the next image's decoding starts: never idle
-                decoding.__enter__()
+            done, decoding = decoding, batcher.preparing()
+            decoding.__enter__()  # the next image's decoding starts: never idle
             done.__exit__(None, None, None)
             await batcher.submit(i)
         assert 5 < batcher.throughput.rate < 100, batcher.throughput.rate  # not thousands
+        decoding.__exit__(None, None, None)  # the last one is given up
         await asyncio.sleep(0.5)  # idle, nothing on its way
         rate = batcher.throughput.rate
         await batcher.submit(99)
         assert batcher.throughput.rate >= rate  # the idle half second is not a slow batch
     finally:
         await batcher.stop()
+
+
+async def test_an_image_given_up_leaves_no_backlog_behind():
+    """A batch ends while another image is being decoded; that decode then fails (the image
+    never comes) and the service idles: the next batch is timed from its own start, not
+    from the old batch's end, so an idle gap never reads as a slow pipeline."""
+    histogram = SimpleNamespace(observe=lambda value: None)
+    metrics = SimpleNamespace(queue_wait=histogram, batch_size=histogram,
+                              inference_duration=histogram)
+    batcher = Batcher(lambda images: list(images), max_batch_size=8, max_delay_s=0.0,
+                      max_queue_size=100, metrics=metrics)
+    batcher.start()
+    try:
+        for i in range(5):
+            await batcher.submit(i)
+        rate = batcher.throughput.rate
+        with batcher.preparing():  # decoding an image while the next batch runs ...
+            await batcher.submit(5)
+        # ... which is then given up: nothing is on its way any more.
+        await asyncio.sleep(0.5)
+        await batcher.submit(6)
+        assert batcher.throughput.rate > 0.5 * rate  # a 0.5 s sample would take it to ~0.2
+    finally:
+        await batcher.stop()
+
