@@ -30,7 +30,6 @@ import copy
 import logging.config
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -113,11 +112,12 @@ def _load(settings: Settings):
 
 def _serve(argv: Sequence[str]) -> None:
     from service.preflight import preflight_in_child
+    from service.reload import defer_sighup
     from service.workers import run_workers
 
     # SIGHUP reloads the models once a process has set up its handler (service.reload);
-    # until then it must not kill this process or the children, which inherit this.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # until then it must not kill this process, and is remembered for later.
+    defer_sighup()
     settings = _settings(argv)
     bundle = None
     if settings.workers == 1 and settings.layout == "replicated":

@@ -5,9 +5,11 @@ A single-process service reloads on SIGHUP itself. With several workers, the sup
 (:mod:`service.workers`) takes SIGHUP and sends it on to every worker, and a worker that
 answers ``POST /admin/reload`` sends SIGHUP to the supervisor (its pid is in
 :data:`SUPERVISOR_ENV`) so that the others reload too. Until a process has installed its
-handler (while it imports and loads), SIGHUP is ignored (``python -m service`` ignores it
-from the start, and the children inherit that): its default action would kill the process,
-and a process that is still starting loads what is on disk anyway.
+handler (while it imports and loads), a SIGHUP is remembered (:func:`defer_sighup`, set by
+``python -m service`` and, for the workers, by the fork server they are forked from,
+:mod:`service.preload`) rather than left to its default action, which would kill the
+process; the process reloads once it is up, since the files the SIGHUP announces may have
+been completed after it read them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ def summary(report: list[ModelReload]) -> str:
                      + (f" {e.version}" if e.result == "loaded" else "") for e in report)
 
 
+_deferred = threading.Event()  # a SIGHUP came before reload_on_sighup was set up
+
+
+def defer_sighup() -> None:
+    """Until :func:`reload_on_sighup` is set up, remember a SIGHUP instead of dying of it
+    (its default action): a process still starting may have read the repository before
+    the files that SIGHUP announces were complete, so it reloads once it is up."""
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _deferred.set())
+
+
 def reload_on_sighup(registry: ModelRegistry) -> Callable[[], None]:
     """Reload ``registry`` on each SIGHUP to this process (a SIGHUP during a reload waits
     for it and then scans again); returns the function that removes the handler. Nothing
@@ -56,6 +68,9 @@ def reload_on_sighup(registry: ModelRegistry) -> Callable[[], None]:
         task.add_done_callback(tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    if _deferred.is_set():  # announced while this process was starting
+        _deferred.clear()
+        hangup()
 
     def remove() -> None:
         loop.remove_signal_handler(signal.SIGHUP)

@@ -1,6 +1,7 @@
 """Starting the service: settings from the environment and .env, a clear message for a bad
 bundle or setting, and `python -m service` serving with one or several workers."""
 
+import asyncio
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from service_helpers import (
 from test_signing import write_keys
 
 from service import settings as settings_module
+from service.reload import defer_sighup, reload_on_sighup
 from service.settings import DEFAULT_BUNDLE, DEFAULT_BUNDLE_NAME, REPO_ROOT, Settings
 from training.signing import SIGNATURE_FILE, sign_bundle
 
@@ -294,24 +296,24 @@ def test_a_worker_that_cannot_start_stops_the_service(tiny_bundle, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _ignores_sighup(pid: int) -> bool:
+def _catches_sighup(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status").read_text()
-    ignored = int(next(line.split()[1] for line in status.splitlines()
-                       if line.startswith("SigIgn:")), 16)
-    return bool(ignored >> (signal.SIGHUP - 1) & 1)
+    caught = int(next(line.split()[1] for line in status.splitlines()
+                      if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGHUP - 1) & 1)
 
 
-def test_workers_start_with_sighup_ignored(tiny_bundle, tmp_path):
+def test_workers_start_with_sighup_deferred(tiny_bundle, tmp_path):
     """The supervisor sends SIGHUP (a reload) on to every worker, one still starting
-    included; until a worker has set up its reload handler, SIGHUP must not kill it. Workers
-    are forked by the fork server, so the fork server must ignore it; and the workers, once
-    started, reload on it rather than die."""
+    included; until a worker has set up its reload handler, SIGHUP must not kill it (its
+    default action). Workers are forked by the fork server, so the fork server must catch
+    it; and the workers, once started, reload on it rather than die."""
     with running_service(tmp_path, OODSERVE_BUNDLE=tiny_bundle, OODSERVE_WORKERS=2,
                          OODSERVE_LAYOUT="replicated") as (proc, base, log):
         servers = [int(c) for c in
                    Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
                    if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(servers) == 1 and _ignores_sighup(servers[0])
+        assert len(servers) == 1 and _catches_sighup(servers[0])
         workers = children(proc.pid)
         assert len(workers) == 2
         for pid in workers:
@@ -319,3 +321,30 @@ def test_workers_start_with_sighup_ignored(tiny_bundle, tmp_path):
         time.sleep(1)
         assert children(proc.pid) == workers and proc.poll() is None, log.read_text()
         assert httpx.get(f"{base}/readyz").status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_sighup_before_the_reload_handler_reloads_once_it_is_set_up():
+    """A SIGHUP that comes while the process starts is remembered, not lost: the files it
+    announces may have been completed after the start read the repository."""
+    calls = []
+
+    class Registry:
+        async def reload(self):
+            calls.append("reload")
+            return []
+
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        defer_sighup()
+        os.kill(os.getpid(), signal.SIGHUP)  # handled at once, in this (the main) thread
+        remove = reload_on_sighup(Registry())
+        for _ in range(100):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        remove()
+        assert calls == ["reload"]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
