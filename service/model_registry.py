@@ -93,11 +93,6 @@ class Scan:
     versions: dict[str, list[tuple[Path, Manifest]]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
-    @property
-    def chosen(self) -> dict[str, Path]:
-        """Name -> the directory of its highest version."""
-        return {name: found[0][0] for name, found in self.versions.items()}
-
 
 def scan(settings: Settings) -> Scan:
     """Which directory serves each name. Raises :class:`BundleError` when there is nothing

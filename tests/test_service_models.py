@@ -90,9 +90,10 @@ def test_the_highest_version_of_a_name_serves(tmp_path, tiny_bundle):
     shutil.copytree(tiny_bundle, repo / ".v11.staging")  # export_bundle's staging: skipped
     (repo / "notes").mkdir()  # no manifest: not a bundle
     found = scan(settings(tiny_bundle, model_repository=repo))
-    assert found.chosen == {"test-resnet20": repo / "v10"} and not found.problems
-    # The others, highest first, to fall back on.
-    assert [path.name for path, _ in found.versions["test-resnet20"]] == ["v10", "v9", "v2"]
+    assert list(found.versions) == ["test-resnet20"] and not found.problems
+    # The highest first, and the others, highest first, to fall back on.
+    assert [path for path, _ in found.versions["test-resnet20"]] == [
+        repo / "v10", repo / "v9", repo / "v2"]
 
 
 def test_a_start_serves_the_highest_version_that_loads(tmp_path, tiny_bundle, other_bundle,
@@ -132,7 +133,7 @@ def test_versions_that_cannot_be_ordered_are_a_problem(tmp_path, tiny_bundle):
     (repo / "e").mkdir()
     (repo / "e" / "manifest.json").write_text("{not json")
     found = scan(settings(tiny_bundle, model_repository=repo))
-    assert found.chosen == {}
+    assert found.versions == {}
     problems = {name: message for name, message, _ in found.problems}
     assert "cannot order" in problems["test-resnet20"]
     assert "in two directories" in problems["twice"]
