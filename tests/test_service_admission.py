@@ -298,12 +298,21 @@ async def test_without_load_nothing_is_refused_and_no_place_is_kept(tiny_bundle)
         assert response.status_code == 200, response.text
 
 
-async def test_the_wait_bound_holds_from_the_first_burst(tiny_bundle):
-    """Warm-up times a full batch, so admission has a throughput before any request: a burst
-    that arrives first is bounded by its expected wait, not by the queue's count alone."""
-    async with serve(settings(tiny_bundle)) as client:
-        engine = client.app.state.models.served().engine
-        throughput = engine.scorer.batcher.throughput
-        assert throughput.seeded and throughput.settled_rate > 0
-        assert engine.admission.expected_wait_s(engine.admission.full_batch()) is not None
-
+async def test_the_wait_bound_holds_from_the_first_burst(tiny_bundle, monkeypatch):
+    """Warm-up times a full batch, so admission has a throughput before any request: a
+    burst that is the service's first traffic is bounded by its expected wait (about 20
+    images a second here, so some 10 images within 0.5 s), not by the queue's count alone
+    (1,024, which would admit all 30)."""
+    monkeypatch.setattr(Predictor, "__call__", slowed(Predictor.__call__, 0.2))
+    app_settings = settings(tiny_bundle, max_batch_size=4, max_batch_delay_ms=0,
+                            max_queue_wait_ms=500)
+    async with serve(app_settings) as client:
+        throughput = client.app.state.models.served().engine.scorer.batcher.throughput
+        assert throughput.seeded and throughput.batches == 1  # the warm-up's timed batch
+        responses = await asyncio.gather(*(predict(client, png(noise_image(i)))
+                                           for i in range(30)))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(503) >= 10 and statuses.count(200) >= 4, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert "OODSERVE_MAX_QUEUE_WAIT_MS" in response.json()["error"]["message"]
