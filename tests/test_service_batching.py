@@ -210,17 +210,24 @@ async def test_a_failed_forward_pass_fails_its_requests_not_the_service(tiny_bun
         assert (await predict(client, png(noise_image(4)))).status_code == 200
 
 
-async def test_throughput_follows_decoding_when_decoding_is_the_bottleneck():
-    """A forward pass that takes no time, fed one image every 20 ms by a decoder that is
-    always busy: the measured rate is the pace images arrive at (about 50/s, less on a loaded
-    machine), which is what the queue drains at, not the forward pass's own (thousands a
-    second). After an idle gap, the gap is not counted."""
+def instant_batcher() -> Batcher:
+    """A started batcher whose forward pass takes no time (each image's result is itself),
+    without metrics: for what the batcher measures by itself."""
     histogram = SimpleNamespace(observe=lambda value: None)
     metrics = SimpleNamespace(queue_wait=histogram, batch_size=histogram,
                               inference_duration=histogram)
     batcher = Batcher(lambda images: list(images), max_batch_size=8, max_delay_s=0.0,
                       max_queue_size=100, metrics=metrics)
     batcher.start()
+    return batcher
+
+
+async def test_throughput_follows_decoding_when_decoding_is_the_bottleneck():
+    """A forward pass that takes no time, fed one image every 20 ms by a decoder that is
+    always busy: the measured rate is the pace images arrive at (about 50/s, less on a loaded
+    machine), which is what the queue drains at, not the forward pass's own (thousands a
+    second). After an idle gap, the gap is not counted."""
+    batcher = instant_batcher()
     try:
         decoding = batcher.preparing()
         decoding.__enter__()
@@ -244,12 +251,7 @@ async def test_an_image_given_up_leaves_no_backlog_behind():
     """A batch ends while another image is being decoded; that decode then fails (the image
     never comes) and the service idles: the next batch is timed from its own start, not
     from the old batch's end, so an idle gap never reads as a slow pipeline."""
-    histogram = SimpleNamespace(observe=lambda value: None)
-    metrics = SimpleNamespace(queue_wait=histogram, batch_size=histogram,
-                              inference_duration=histogram)
-    batcher = Batcher(lambda images: list(images), max_batch_size=8, max_delay_s=0.0,
-                      max_queue_size=100, metrics=metrics)
-    batcher.start()
+    batcher = instant_batcher()
     try:
         for i in range(5):
             await batcher.submit(i)
