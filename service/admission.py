@@ -21,10 +21,10 @@ Two bounds, both per process and per served model:
   (:class:`Throughput`), each timed from the previous one's end when images were waiting or
   being decoded then, so that it follows decoding too when decoding is the bottleneck; it
   starts from a full batch timed at warm-up (in the engine layout, the worker has no such
-  pass and waits for a few answers instead). While
-  less than one full batch is outstanding the time bound does not apply: those images go in
-  one forward pass whatever the estimate says, and at low load the measured rate (small
-  batches) understates what the model does under load.
+  pass and waits for a few answers instead). While less than one full batch is outstanding
+  the time bound does not apply: those images go in one forward pass whatever the estimate
+  says, and at low load the measured rate (small batches) understates what the model does
+  under load.
 
 A reservation (:class:`Reservation`) is given back image by image as each is scored or fails,
 and the rest when the request ends (:meth:`Reservation.close`, or when it is garbage, so that a

@@ -23,12 +23,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.admission import Admission, Reservation
+from service.admission import Admission, Overloaded, Reservation
 from service.batcher import Batcher, QueueFull
 from service.bundle_check import BundleCheck
 from service.decoding import Decoder, ImageRejected, PixelBudget
 from service.engine_client import EngineClient
-from service.errors import ServiceError
 from service.inference import ImageScores, Predictor
 from service.metrics import Metrics
 from service.schemas import (
@@ -232,8 +231,9 @@ class Engine:
 
     async def predict(self, data: bytes, policy: Policy, top_k: int,
                       decoding: RequestDecoding | None = None) -> Prediction:
-        """Prediction for one uploaded image; :class:`ServiceError` if it cannot be made
-        (:class:`~service.decoding.RequestTooLarge`: the request's pixel budget is spent)."""
+        """Prediction for one uploaded image; :class:`~service.errors.ServiceError` if it
+        cannot be made (:class:`~service.decoding.RequestTooLarge`: the request's pixel
+        budget is spent)."""
         if decoding is None:  # a request of this one image: its places end with it
             own = self.request_decoding()
             try:
@@ -253,8 +253,7 @@ class Engine:
             try:
                 scores = await self.scorer.submit(image)
             except QueueFull:
-                raise ServiceError(503, "overloaded", "too many images are waiting; retry "
-                                   "shortly", headers={"Retry-After": "1"}) from None
+                raise Overloaded(1, "too many images are waiting") from None
         decided = policy.decide(scores.scores)
         self._observe(scores, decided if policy is self.default_policy else
                       self.default_policy.decide(scores.scores))
