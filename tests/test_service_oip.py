@@ -318,7 +318,8 @@ async def test_malformed_requests(app_client, manifest, images):
                                                             "parameters.decision"),
                          ({"priority": 1}, "parameters.priority"),
                          ({"energy_threshold": True}, "energy_threshold"),
-                         ({"top_k": 3}, "classification")):
+                         ({"top_k": 3}, "classification"),
+                         ({"model": manifest.name}, "the path names")):
         oip_error(await post(url, json={**json_request(images[:1]), "parameters": params}),
                   400, word)
     oip_error(await post(url, json={**json_request(images[:1]),

@@ -304,6 +304,9 @@ def _parameters(given: Parameters | None) -> tuple[PredictParams, bool]:
         raise _bad("parameters.top_k: ask for the probabilities output with the "
                    "classification parameter instead (tritonclient: "
                    "InferRequestedOutput('probabilities', class_count=k))")
+    if "model" in given:  # a /predict parameter; here the path names the model
+        raise _bad("parameters.model: the model is the one the path names "
+                   "(/v2/models/{name}/infer)")
     for key, value in given.items():
         if isinstance(value, bool):  # pydantic would take true for 1.0
             raise _bad(f"parameters.{key[:100]}: a boolean is not a valid value")
