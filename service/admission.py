@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from service.errors import ServiceError
 
@@ -83,6 +83,17 @@ class Overloaded(ServiceError):
                          headers={"Retry-After": str(retry_after_s)})
 
 
+class Refusal(NamedTuple):
+    """Why images are refused: what :class:`Overloaded` is made of, without the exception
+    (the shedder answers most refusals from a cache keyed by it: :mod:`service.shedding`)."""
+
+    retry_after_s: int
+    why: str
+
+    def error(self) -> Overloaded:
+        return Overloaded(self.retry_after_s, self.why)
+
+
 class Scorer(Protocol):
     """What admission needs of a scorer (:mod:`service.engine`'s, either layout)."""
 
@@ -114,28 +125,46 @@ class Admission:
         rate = self.scorer.throughput.settled_rate
         return None if not rate else (self.outstanding + images) / rate
 
-    def admit(self, images: int) -> Reservation:
-        """Places for ``images`` images, or :class:`Overloaded` if they do not fit."""
+    def refusal(self, images: int) -> Refusal | None:
+        """Why ``images`` more images would be refused now (None: they fit); reserves
+        nothing."""
         waiting = self.outstanding - self.scorer.in_forward_pass()
         if waiting + images > self.max_queued:
-            raise Overloaded(self._retry_after(), f"{images} more images do not fit the "
-                             f"queue ({waiting} waiting, OODSERVE_MAX_QUEUE_SIZE "
-                             f"{self.max_queued})")
+            return Refusal(self._retry_after(), f"{images} more images do not fit the queue "
+                           f"({waiting} waiting, OODSERVE_MAX_QUEUE_SIZE {self.max_queued})")
         wait = self.expected_wait_s(images)
         if (wait is not None and wait > self.max_wait_s
                 and self.outstanding + images > self.full_batch()):
-            raise Overloaded(self._retry_after(), f"the expected wait ({wait:.1f} s) is over "
-                             f"OODSERVE_MAX_QUEUE_WAIT_MS ({self.max_wait_s * 1000:g} ms)")
-        self.outstanding += images
-        return Reservation(self, images)
+            return Refusal(self._retry_after(), f"the expected wait ({wait:.1f} s) is over "
+                           f"OODSERVE_MAX_QUEUE_WAIT_MS ({self.max_wait_s * 1000:g} ms)")
+        return None
+
+    def admit(self, images: int, head: Reservation | None = None) -> Reservation:
+        """Places for ``images`` images, or :class:`Overloaded` if they do not fit. ``head``:
+        the place taken for the request when its head came in (:mod:`service.shedding`),
+        which counts as one of them when it is this admission's; otherwise it is given
+        back."""
+        if head is not None and (head.admission is not self or head.closed):
+            head.close()  # taken on a model version that a reload has retired since
+            head = None
+        more = images if head is None else images - head.held
+        if more > 0 and (refused := self.refusal(more)) is not None:
+            if head is not None:
+                head.close()
+            raise refused.error()
+        self.outstanding += max(more, 0)
+        if head is None:
+            return Reservation(self, images)
+        head.grow(max(more, 0))
+        return head
 
     def _retry_after(self) -> int:
         """Whole seconds until what is outstanding now should be done (at least 1)."""
         wait = self.expected_wait_s(0)
         return max(1, math.ceil(wait)) if wait else 1
 
-    def _release(self, held: list[int], images: int) -> None:
-        images = min(images, held[0])
+    def _release(self, held: list[int], images: int | None) -> None:
+        images = held[0] if images is None else min(images, held[0])
         if not images:  # nothing to give back: above all, no write from the finalizer's thread
             return
         held[0] -= images
@@ -146,13 +175,22 @@ class Reservation:
     """One request's places; each is given back once (:meth:`release`, :meth:`close`)."""
 
     def __init__(self, admission: Admission, images: int):
+        self.admission = admission
         self._held = [images]  # shared with the finalizer, which must not hold self
         self._release = admission._release
-        self._finalizer = weakref.finalize(self, admission._release, self._held, images)
+        self._finalizer = weakref.finalize(self, admission._release, self._held, None)
 
     @property
     def held(self) -> int:
         return self._held[0]
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def grow(self, images: int) -> None:
+        """``images`` more places, already counted by the admission (:meth:`Admission.admit`)."""
+        self._held[0] += images
 
     def release(self, images: int = 1) -> None:
         """An image is done (scored, refused or dropped)."""

@@ -34,6 +34,7 @@ from service.reload import reload_on_sighup
 from service.routers import admin, health, metrics, predict, v2
 from service.security import BEARER
 from service.settings import Settings
+from service.shedding import STATE_KEY, Shedder
 from training.bundle import Bundle, BundleError
 
 log = logging.getLogger("oodserve")
@@ -89,7 +90,9 @@ def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] |
         app.state.models = registry
         hangup = reload_on_sighup(registry)
         try:
-            yield
+            # uvicorn hands the lifespan's state to each connection: the shedder answers
+            # what admission would refuse from the request's head (service/shedding.py).
+            yield {STATE_KEY: Shedder(settings, registry, app.state.metrics)}
         finally:
             hangup()
             app.state.models = None

@@ -1,28 +1,37 @@
 """Dynamic batching: concurrent requests' images share one forward pass.
 
-Requests put their preprocessed images in a queue and await a future. One collector task on
-the event loop takes up to ``max_batch_size`` images and hands them to a single inference
-thread; the futures are resolved back on the loop. One thread, because concurrent forward
-passes would only fight over the same cores; while it runs, the next batch fills up, so the
-batch size follows the load by itself.
+Requests put their preprocessed images in a queue and await a future. One inference thread
+takes up to ``max_batch_size`` images at a time, runs them, and hands the results back to
+the event loop in one call, which resolves the batch's futures. One thread, because
+concurrent forward passes would only fight over the same cores; while it runs, the next
+batch fills up, so the batch size follows the load by itself.
 
-When to send a batch that is not full: images still being decoded are announced
-(:meth:`Batcher.preparing`), and the collector waits for them, but never past ``max_delay``
+The thread, not a task on the event loop, decides when to send a batch and takes the next
+one as soon as the last is done: under overload the loop is busy answering refusals, and a
+collector task there waited a turn of the loop (0.3 to 0.8 s at c = 2,500 on 2 cores) to be
+woken by each new image and again by each finished batch, so the model sat idle between
+batches and the admitted requests waited (docs/benchmarks.md). The queue is shared under a
+lock that neither side holds while it works.
+
+When to send a batch that is not full: admitted images still on their way (waiting for their
+turn to be decoded, or being decoded) are announced (:meth:`Batcher.preparing`), and the
+thread waits for them, but never past ``max_delay``
 after the oldest queued image arrived. With nothing on its way it sends at once, so a lone
-request pays no delay at all.
+request pays no delay at all. An image is queued (:meth:`Batcher.submit`) before its
+announcement ends, so that a batch is never sent without it in between.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -55,112 +64,169 @@ class Batcher(Generic[R]):
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self._metrics = metrics
-        self.throughput = Throughput()  # of the completed batches (see _collect)
+        self.throughput = Throughput()  # of the completed batches (see _run)
         self.running = 0  # images in the forward pass now
+        # Shared with the inference thread, under _lock: the queue, the images announced
+        # but not yet queued, functions to run on the thread (warm-up), and the stop flag.
+        self._lock = threading.Condition()
         self._pending: deque[_Job[R]] = deque()
-        self._preparing = 0  # images announced but not yet submitted
-        self._has_work = asyncio.Event()
-        self._dispatch = asyncio.Event()  # the batch is full or nothing more is on its way
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodserve-infer")
-        self._task: asyncio.Task | None = None
+        self._preparing = 0
+        self._calls: deque[tuple[Callable[[], Any], asyncio.Future]] = deque()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # The inference thread's own.
         self._last_finished = 0.0  # when the previous batch came back
         self._backlog_at_last_finish = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._collect())
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="oodserve-infer", daemon=True)
+        self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for job in self._pending:
+        with self._lock:
+            self._stopping = True
+            dropped, calls = list(self._pending), list(self._calls)
+            self._pending.clear()
+            self._calls.clear()
+            self._lock.notify()
+        for job in dropped:
             job.future.cancel()
-        self._pending.clear()
-        # The batch running now ends first; the loop serves on meanwhile (other models).
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        for _, future in calls:
+            future.cancel()
+        if self._thread is not None:
+            # The batch running now ends first; the loop serves on meanwhile (other models).
+            await asyncio.to_thread(self._thread.join)
 
     async def run_in_thread(self, fn: Callable[[], object]) -> object:
         """Run ``fn`` on the inference thread (warm-up), in order with the batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future = self._loop.create_future()
+        with self._lock:
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return await future
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
-        """Announce an image that will be submitted (or given up) when the block ends."""
-        self._preparing += 1
+        """Announce an image that will be submitted (or given up) before the block ends."""
+        with self._lock:
+            self._preparing += 1
         try:
             yield
         finally:
-            self._preparing -= 1
-            if self._preparing == 0:
-                self._dispatch.set()
-                if not self._pending:  # nothing on its way (an image given up): idle from here
-                    self._backlog_at_last_finish = False
+            with self._lock:
+                self._preparing -= 1
+                if self._preparing == 0:
+                    self._lock.notify()
 
-    async def submit(self, image: torch.Tensor) -> R:
-        """Score one image; resolves when the batch it joined has been run."""
+    def submit(self, image: torch.Tensor) -> asyncio.Future[R]:
+        """Queue one image for scoring; the future resolves when the batch it joined has
+        been run."""
         if len(self._pending) >= self.max_queue_size:
             raise QueueFull
-        job: _Job[R] = _Job(image, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        self._has_work.set()
-        if len(self._pending) >= self.max_batch_size:
-            self._dispatch.set()
-        return await job.future
+        job: _Job[R] = _Job(image, self._loop.create_future())
+        with self._lock:
+            self._pending.append(job)
+            self._lock.notify()
+        return job.future
 
-    async def _wait_for_more(self) -> None:
-        while len(self._pending) < self.max_batch_size and self._preparing > 0:
-            wait = self._pending[0].enqueued + self.max_delay_s - time.perf_counter()
-            if wait <= 0:
-                return
-            self._dispatch.clear()
-            try:
-                await asyncio.wait_for(self._dispatch.wait(), wait)
-            except TimeoutError:
-                return
+    # -- the inference thread -------------------------------------------------------------
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _serve(self) -> None:
         while True:
-            await self._has_work.wait()
-            await self._wait_for_more()
-            batch = [self._pending.popleft()
-                     for _ in range(min(self.max_batch_size, len(self._pending)))]
-            if not self._pending:
-                self._has_work.clear()
-            batch = [job for job in batch if not job.future.done()]  # clients that left
-            if not batch:
+            with self._lock:
+                work = self._next()
+            if work is None:
+                return
+            if isinstance(work, list):
+                self._run(work)
                 continue
-            started = time.perf_counter()
-            for job in batch:
-                self._metrics.queue_wait.observe(started - job.enqueued)
-            self._metrics.batch_size.observe(len(batch))
-            self.running = len(batch)
+            fn, future = work
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [job.image for job in batch])
-                finished = time.perf_counter()
-                # Since the previous batch if images were queued or being decoded when it
-                # ended (the gap is then the pipeline's pace: decoding, when it is the
-                # bottleneck), else since this batch started (an idle gap says nothing of
-                # capacity).
-                since = self._last_finished if self._backlog_at_last_finish else started
-                self.throughput.record(len(batch), finished - since)
-            except Exception as exc:
-                # Logged once, with its traceback, under the id that each of the batch's
-                # requests gets in its 500; the next batch runs as usual.
-                error_id = new_error_id()
-                log.error("forward pass of %d images failed (error id %s)", len(batch),
-                          error_id, exc_info=exc)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(InternalError(
-                            "the forward pass of this image's batch failed", error_id))
-                continue
-            finally:
-                self.running = 0
-                self._last_finished = time.perf_counter()
-                self._metrics.inference_duration.observe(self._last_finished - started)
+                result, error = fn(), None
+            except Exception as exc:  # noqa: BLE001 - raised again to the caller, on the loop
+                result, error = None, exc
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _next(self) -> list[_Job[R]] | tuple[Callable[[], Any], asyncio.Future] | None:
+        """The next batch or function to run, waiting for one (under the lock); None once
+        stopped."""
+        while True:
+            if self._stopping:
+                return None
+            if self._calls:
+                return self._calls.popleft()
+            if self._pending:
+                if len(self._pending) >= self.max_batch_size or self._preparing == 0:
+                    break
+                wait = self._pending[0].enqueued + self.max_delay_s - time.perf_counter()
+                if wait <= 0:
+                    break
+                self._lock.wait(wait)
+            else:
+                if self._preparing == 0:  # nothing on its way: the next batch is no backlog
+                    self._backlog_at_last_finish = False
+                self._lock.wait()
+        return [self._pending.popleft()
+                for _ in range(min(self.max_batch_size, len(self._pending)))]
+
+    def _run(self, batch: list[_Job[R]]) -> None:
+        # Clients that left (their futures cancelled on the loop; read from here, a race at
+        # worst scores an image for nobody).
+        batch = [job for job in batch if not job.future.done()]
+        if not batch:
+            return
+        started = time.perf_counter()
+        for job in batch:
+            self._metrics.queue_wait.observe(started - job.enqueued)
+        self._metrics.batch_size.observe(len(batch))
+        self.running = len(batch)
+        results: list[R] | None = None
+        error: InternalError | None = None
+        try:
+            results = self._run_batch([job.image for job in batch])
+            finished = time.perf_counter()
+            # Since the previous batch if images were queued or being decoded when it ended
+            # (the gap is then the pipeline's pace: decoding, when it is the bottleneck),
+            # else since this batch started (an idle gap says nothing of capacity).
+            since = self._last_finished if self._backlog_at_last_finish else started
+            self.throughput.record(len(batch), finished - since)
+        except Exception as exc:
+            # Logged once, with its traceback, under the id that each of the batch's
+            # requests gets in its 500; the next batch runs as usual.
+            error_id = new_error_id()
+            log.error("forward pass of %d images failed (error id %s)", len(batch), error_id,
+                      exc_info=exc)
+            error = InternalError("the forward pass of this image's batch failed", error_id)
+        finally:
+            self.running = 0
+            self._last_finished = time.perf_counter()
+            self._metrics.inference_duration.observe(self._last_finished - started)
+            with self._lock:
                 self._backlog_at_last_finish = bool(self._pending) or self._preparing > 0
-            for job, result in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+        self._loop.call_soon_threadsafe(_deliver, batch, results, error)
+
+
+def _deliver(batch: list[_Job[R]], results: list[R] | None,
+             error: InternalError | None) -> None:
+    """On the loop: each of the batch's futures gets its result, or the batch's error."""
+    for i, job in enumerate(batch):
+        if not job.future.done():
+            if error is None:
+                job.future.set_result(results[i])
+            else:
+                job.future.set_exception(error)
+
+
+def _settle(future: asyncio.Future, result: object, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

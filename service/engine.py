@@ -51,8 +51,8 @@ class LocalScorer:
     """The model in this process: a :class:`Predictor` behind a :class:`Batcher`."""
 
     def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics):
-        self.predictor = Predictor.for_settings(bundle, settings,
-                                                settings.resolved_torch_threads())
+        self.torch_threads = settings.resolved_torch_threads()
+        self.predictor = Predictor.for_settings(bundle, settings, self.torch_threads)
         self.max_batch_size = self.predictor.max_batch_size
         self.device = str(self.predictor.device)
         self.dtype_name = self.predictor.dtype_name
@@ -84,8 +84,14 @@ class LocalScorer:
             self.predictor(full)
             return time.perf_counter() - started
 
-        self.batcher.throughput.seed(self.max_batch_size,
-                                     await self.batcher.run_in_thread(timed_pass))
+        seconds = await self.batcher.run_in_thread(timed_pass)
+        if self.predictor.device.type == "cpu":
+            # Timed with the worker's cores to itself. Under load its event loop is one more
+            # busy thread on them: the forward pass's T threads then get T / (T + 1) of
+            # their pace (half, with one), and a seed at the full pace admitted an opening
+            # overload burst that waited 4 s (docs/benchmarks.md).
+            seconds *= (self.torch_threads + 1) / self.torch_threads
+        self.batcher.throughput.seed(self.max_batch_size, seconds)
 
     def not_ready_reason(self) -> str | None:
         return None
@@ -214,12 +220,14 @@ class Engine:
         if isinstance(self.scorer, LocalScorer) and self.scorer.predictor.device.type == "cuda":
             torch.cuda.empty_cache()  # what the model and its graphs held, for the next one
 
-    def request_decoding(self, images: int = 1) -> RequestDecoding:
+    def request_decoding(self, images: int = 1,
+                         head: Reservation | None = None) -> RequestDecoding:
         """Admit a new request of ``images`` images, before any is decoded, or refuse it as a
         whole (:class:`~service.admission.Overloaded`, a 503); its decoding share, to pass to
-        :meth:`predict` for each image and to close when the request ends."""
-        return RequestDecoding(self.admission.admit(images), self.settings.max_request_pixels,
-                               self.decodes_per_request)
+        :meth:`predict` for each image and to close when the request ends. ``head``: the
+        place its head took (:func:`service.shedding.head_reservation`)."""
+        return RequestDecoding(self.admission.admit(images, head),
+                               self.settings.max_request_pixels, self.decodes_per_request)
 
     def policy_for(self, params: PredictParams) -> Policy:
         """The thresholds and rule a request's parameters ask for (the bundle's when none)."""
@@ -230,12 +238,14 @@ class Engine:
                               decision=params.decision)
 
     async def predict(self, data: bytes, policy: Policy, top_k: int,
-                      decoding: RequestDecoding | None = None) -> Prediction:
+                      decoding: RequestDecoding | None = None,
+                      head: Reservation | None = None) -> Prediction:
         """Prediction for one uploaded image; :class:`~service.errors.ServiceError` if it
         cannot be made (:class:`~service.decoding.RequestTooLarge`: the request's pixel
-        budget is spent)."""
+        budget is spent). Without ``decoding``, the image is a request of its own, admitted
+        here (with its ``head`` place, if it has one)."""
         if decoding is None:  # a request of this one image: its places end with it
-            own = self.request_decoding()
+            own = self.request_decoding(1, head)
             try:
                 return await self.predict(data, policy, top_k, own)
             finally:
@@ -243,17 +253,20 @@ class Engine:
         loop = asyncio.get_running_loop()
         with decoding.image():
             try:
-                async with decoding.slots:
-                    with self.scorer.preparing():
+                # Announced from now, while it waits for its turn to be decoded too: the
+                # images of one request take turns, and a batch must not leave between them.
+                with self.scorer.preparing():
+                    async with decoding.slots:
                         image = await loop.run_in_executor(self._decode_pool, self.decoder,
                                                            data, decoding.budget)
+                    # Queued while still announced, so that no batch leaves without it.
+                    scoring = self.scorer.submit(image)
             except ImageRejected as exc:
                 self.metrics.image_errors.labels(exc.code).inc()
                 raise
-            try:
-                scores = await self.scorer.submit(image)
             except QueueFull:
                 raise Overloaded(1, "too many images are waiting") from None
+            scores = await scoring
         decided = policy.decide(scores.scores)
         self._observe(scores, decided if policy is self.default_policy else
                       self.default_policy.decide(scores.scores))

@@ -108,7 +108,8 @@ class EngineClient:
         not seen from here, and a slot is taken until the engine answers for it."""
         return 0
 
-    async def submit(self, image: torch.Tensor) -> ImageScores:
+    def submit(self, image: torch.Tensor) -> asyncio.Future[ImageScores]:
+        """Send one image to the engine; the future resolves with its answer."""
         if self._sock is None:
             raise EngineUnavailable
         if not self._free:
@@ -121,7 +122,7 @@ class EngineClient:
         if not self._outgoing:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing += proto.encode([slot])
-        return await future
+        return future
 
     async def stop(self) -> None:
         if self._reconnecting is not None:

@@ -22,6 +22,9 @@ surviving ones and would all stay there while the new worker idles. Reconnecting
 then lets the kernel's ``SO_REUSEPORT`` spread them over all the workers again
 (:mod:`service.workers`).
 
+A scoring request that admission would refuse is answered 503 from its head, without the
+app, by the shedder the app's lifespan hands over (:mod:`service.shedding`).
+
 The limits are class attributes, set by
 :func:`configure` from the settings when the app is created (in each worker, before it
 accepts a connection). The body's own timeout is the app's (:mod:`service.middleware`).
@@ -34,6 +37,8 @@ import logging
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.shedding import STATE_KEY
 
 log = logging.getLogger("uvicorn.error")
 
@@ -149,6 +154,10 @@ class HttpProtocol(HttpToolsProtocol):
             self._requests += 1
             if 0 < self.max_requests_per_connection <= self._requests:
                 self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        shed = self.app_state.get(STATE_KEY)
+        super()._start_asgi_task(cycle, shed and shed(cycle.scope) or app)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -15,6 +15,15 @@ run by the graph of the smallest captured size >= n; the rows past n hold whatev
 batch left there, and each image's scores depend on that image alone (BatchNorm in eval
 mode), so the padding is never read.
 
+On the CPU the same computation is traced to TorchScript during warm-up: a traced pass is one
+call into C++ that holds no GIL until it returns, where an eager one gives the GIL back and
+takes it again at each of its operators (about 170 for ResNet-56). While the event loop is
+busy (an overload, a storm of refusals) each re-take waits for the loop's thread to yield, up
+to the interpreter's switch interval (5 ms), and an eager forward pass of 32 images took 7 to
+10 times as long as alone; the traced one about 1.3 times (docs/benchmarks.md). The traced
+pass runs the same operators on the same tensors, and warm-up checks that it gives the eager
+pass's numbers to the bit, else the predictor stays eager and says so.
+
 A :class:`Predictor` is only ever called from one thread (the batcher's inference thread, or
 the engine process's), which is what makes its staging buffer and graphs safe to reuse.
 """
@@ -22,6 +31,7 @@ the engine process's), which is what makes its staging buffer and graphs safe to
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +102,30 @@ def graph_sizes(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
+class ScoreRows(torch.nn.Module):
+    """The packed rows of a batch on the model's device, computed there: what CUDA graphs
+    capture and what the CPU traces (a module, so that a trace keeps the model's weights as
+    its own parameters rather than copying them into the graph as constants)."""
+
+    def __init__(self, model: torch.nn.Module, block: str):
+        super().__init__()
+        self.model = model
+        self.block = block
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = score_batch(self.model, batch, [self.block])
+        probabilities = torch.softmax(out.logits, dim=1)
+        ranking = torch.argsort(probabilities, dim=1, descending=True, stable=True)
+        floats = torch.cat([probabilities,
+                            *(out.of(d, self.block)[:, None] for d in SERVED)], dim=1)
+        ints = torch.cat([out.pred[:, None], ranking], dim=1).to(torch.int32)
+        return floats, ints
+
+
 class Predictor:
     def __init__(self, bundle: Bundle, device: str, precision: str, max_batch_size: int,
-                 torch_threads: int, tune_malloc: bool = True, cuda_graphs: bool = True):
+                 torch_threads: int, tune_malloc: bool = True, cuda_graphs: bool = True,
+                 cpu_trace: bool = True):
         self.device = select_device(device)
         self.malloc_tuned = False
         # Set, not inherited: the default (every core) oversubscribes cores shared with
@@ -130,13 +161,17 @@ class Predictor:
                      torch.empty((max_batch_size, widths[1]), dtype=torch.int32,
                                  pin_memory=cuda))
         self.use_graphs = cuda and cuda_graphs
+        self.use_trace = not cuda and cpu_trace
+        # What computes the rows: eager until warm-up traces it (on the CPU).
+        self._scores: torch.nn.Module = ScoreRows(self.model, self.block)
+        self.traced = False
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._graph_input: torch.Tensor | None = None
 
     def release(self) -> None:
         """Let go of the model, its graphs and buffers (this predictor is not used again):
         a reload's retired version frees its memory even while something still holds it."""
-        self.model = self.staging = self._out = self._graph_input = None
+        self.model = self.staging = self._out = self._graph_input = self._scores = None
         self._graphs = {}
 
     @classmethod
@@ -146,7 +181,7 @@ class Predictor:
         cuda = select_device(settings.device).type == "cuda"
         return cls(bundle, settings.device, settings.precision,
                    settings.resolved_max_batch_size(cuda), torch_threads,
-                   settings.tune_malloc, settings.cuda_graphs)
+                   settings.tune_malloc, settings.cuda_graphs, settings.cpu_trace)
 
     @property
     def dtype_name(self) -> str:
@@ -184,16 +219,6 @@ class Predictor:
         self._run_range(start, middle)
         self._run_range(middle, stop)
 
-    def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed rows of a device batch, computed on the device."""
-        out = score_batch(self.model, batch, [self.block])
-        probabilities = torch.softmax(out.logits, dim=1)
-        ranking = torch.argsort(probabilities, dim=1, descending=True, stable=True)
-        floats = torch.cat([probabilities,
-                            *(out.of(d, self.block)[:, None] for d in SERVED)], dim=1)
-        ints = torch.cat([out.pred[:, None], ranking], dim=1).to(torch.int32)
-        return floats, ints
-
     @torch.inference_mode()
     def _forward(self, start: int, stop: int) -> None:
         n, host = stop - start, self.staging[start:stop]
@@ -213,12 +238,41 @@ class Predictor:
 
     def warm_up(self, batch_sizes: list[int]) -> None:
         """Run dummy batches so the first requests do not pay for lazy initialisation; on
-        CUDA (unless turned off), capture the graphs instead."""
+        CUDA (unless turned off), capture the graphs instead; on the CPU (unless turned
+        off), trace the pass first."""
         if self.use_graphs:
             self._capture()
             return
+        if self.use_trace:
+            self._trace()
         for n in batch_sizes:
             self([torch.zeros(self.input_shape)] * n)
+
+    @torch.inference_mode()
+    def _trace(self) -> None:
+        eager = self._scores
+        # Random images, not zeros: a check on constant input could pass a trace that is
+        # wrong elsewhere. Two sizes, so that a trace tied to its example's batch size fails.
+        check = torch.randn((self.max_batch_size, *self.input_shape),
+                           generator=torch.Generator().manual_seed(0)).contiguous(
+            memory_format=self.memory_format)
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.trace is deprecated in favour of torch.compile and torch.export,
+                # neither of which gives a CPU pass without the GIL or a C++ compiler at
+                # serving time; the check below catches a trace that has stopped working.
+                warnings.simplefilter("ignore", FutureWarning)
+                traced = torch.jit.trace(eager, check[:1], check_trace=False)
+            same = all(torch.equal(a, b) for n in (1, self.max_batch_size)
+                       for a, b in zip(traced(check[:n]), eager(check[:n])))
+        except Exception as e:  # noqa: BLE001 - a model the tracer cannot follow is served eager
+            log.warning("tracing the forward pass failed (%s); serving it eager", e)
+            return
+        if not same:
+            log.warning("the traced forward pass does not give the eager pass's numbers; "
+                        "serving it eager")
+            return
+        self._scores, self.traced = traced, True
 
     @torch.inference_mode()
     def _capture(self) -> None:

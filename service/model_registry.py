@@ -51,6 +51,7 @@ from service.errors import ServiceError
 from service.metrics import ServiceMetrics
 from service.schemas import ModelReload
 from service.settings import Settings
+from service.shedding import close_head_reservation
 from training.bundle import MANIFEST_FILE, Bundle, BundleError, Manifest, load_bundle
 from training.signing import SIGNATURE_FILE
 
@@ -513,7 +514,8 @@ class ModelRegistry:
 
 class LeaseMiddleware:
     """Ends the leases a request took on engines (:meth:`ModelRegistry.acquire`) once the
-    request is over, however it ended."""
+    request is over, however it ended, and gives back the queue place its head took
+    (:mod:`service.shedding`) if nothing used it."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -522,5 +524,6 @@ class LeaseMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
+            close_head_reservation(scope)
             for registry, served in scope.pop(LEASES_KEY, ()):
                 registry.release(served)

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
+from pydantic import SecretStr
 
 from service.errors import ServiceError
 
@@ -36,16 +37,22 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
+def authorized(key: SecretStr | None, authorization: bytes) -> bool:
+    """Whether an ``Authorization`` header value (as sent) carries ``key`` (None: no key
+    is needed)."""
+    if key is None:
+        return True
+    scheme, _, token = authorization.partition(b" ")
+    given = _digest(token.strip())
+    expected = _digest(key.get_secret_value().encode("ascii"))
+    return hmac.compare_digest(given, expected) and scheme.lower() == b"bearer"
+
+
 def authorize(request: Request) -> None:
     """Raise 401 unless the request carries the configured API key (if any)."""
-    key = request.app.state.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # Header values are decoded as latin-1, so encoding back gives the bytes that were sent.
-    given = _digest(token.strip().encode("latin-1"))
-    expected = _digest(key.get_secret_value().encode("ascii"))
-    if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
+    if not authorized(request.app.state.settings.api_key,
+                      request.headers.get("authorization", "").encode("latin-1")):
         raise ServiceError(401, "unauthorized", "missing or wrong API key: send "
                            "`Authorization: Bearer <key>` (OODSERVE_API_KEY)",
                            headers={"WWW-Authenticate": 'Bearer realm="oodserve"'})

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="capture the forward pass as CUDA graphs during warm-up, one per "
                           "padded batch size (service/inference.py)")
+    cpu_trace: bool = Field(
+        True, description="on the CPU, trace the forward pass to TorchScript during warm-up, "
+                          "so that it runs without the GIL (service/inference.py)")
     layout: Literal["auto", "replicated", "engine"] = Field(
         "auto", description="replicated: each worker process has its own model and "
                             "batcher; engine: the workers do HTTP and decoding and hand "
@@ -99,11 +102,10 @@ class Settings(BaseSettings):
                                          "1024 on CUDA")
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0,
-        description="longest time the oldest queued image waits for images still being "
-                    "decoded to join its batch")
+        description="longest time the oldest queued image waits for admitted images still "
+                    "on their way (waiting for decoding or being decoded) to join its batch")
     max_queue_size: int = Field(
-        1024, ge=1, description="queued images beyond which requests get 503 (a request "
-                                "is admitted or refused as a whole, before decoding)")
+        1024, ge=1, description="queued images beyond which a request gets 503, as a whole")
     max_queue_wait_ms: float = Field(
         1000.0, gt=0.0, le=600_000.0,
         description="longest expected wait in the queue (queued images over the measured "

@@ -546,7 +546,7 @@ async def test_a_cancelled_reload_stops_its_new_engine(two_models, repository, o
     with pytest.raises(asyncio.CancelledError):
         await reload
     [new] = engines
-    assert new.scorer.batcher._task.done() and new.bundle.model is None  # stopped, let go
+    assert new.scorer.batcher.stopped and new.bundle.model is None  # stopped, let go
     assert registry.served("alpha").engine.model_ref.version == "1.0.0"
 
 

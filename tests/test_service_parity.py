@@ -74,13 +74,18 @@ async def test_service_scores_equal_training_evaluation(tiny_bundle, image_folde
     assert [r["class_index"] for r in served] == evaluation.pred.tolist()
 
 
-def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundle):
+@pytest.mark.parametrize("warm", [False, True], ids=["eager", "traced"])
+def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundle, warm):
     """On the CPU the served model and its batches are NHWC (a speed choice, see
-    service.inference.memory_format_for); training's evaluation runs NCHW. The scores must
-    still agree, at one image and at a batch."""
+    service.inference.memory_format_for); training's evaluation runs NCHW. Once warmed up the
+    pass is traced (TorchScript, so that it runs without the GIL). The scores must still
+    agree, at one image and at a batch, eager and traced."""
     from service.inference import Predictor
 
     predictor = Predictor(load_bundle(tiny_bundle), "cpu", "float32", 8, 1)
+    if warm:
+        predictor.warm_up([1, 8])
+    assert predictor.traced is warm
     convs = [m.weight for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     bundle = load_bundle(tiny_bundle)  # a fresh copy, in the default layout
@@ -93,3 +98,48 @@ def test_the_cpu_predictor_runs_channels_last_with_evaluations_scores(tiny_bundl
             np.testing.assert_allclose([s.scores[d.name] for s in got],
                                        want.of(d, block)[:len(batch)], rtol=RTOL)
         assert [s.pred for s in got] == want.pred[:len(batch)].tolist()
+
+
+@pytest.mark.parametrize("trace", ["raises", "differs"])
+def test_a_trace_that_fails_or_differs_leaves_the_pass_eager(tiny_bundle, monkeypatch, caplog,
+                                                             trace):
+    """The trace is checked against the eager pass at warm-up: a model the tracer cannot
+    follow, or a trace whose numbers are not the eager ones to the bit, is served eager, with
+    a warning, and still scores like training's evaluation."""
+    from service.inference import Predictor
+
+    real_trace = torch.jit.trace
+
+    def fake_trace(module, example, **kwargs):
+        if trace == "raises":
+            raise RuntimeError("cannot trace this")
+        traced = real_trace(module, example, **kwargs)
+
+        class Off(torch.nn.Module):  # the trace's rows, the first score nudged
+            def forward(self, batch):
+                floats, ints = traced(batch)
+                return floats + torch.nextafter(floats, floats + 1) - floats, ints
+
+        return Off()
+
+    monkeypatch.setattr(torch.jit, "trace", fake_trace)
+    predictor = Predictor(load_bundle(tiny_bundle), "cpu", "float32", 4, 1)
+    with caplog.at_level("WARNING", logger="oodserve"):
+        predictor.warm_up([1, 4])
+    assert not predictor.traced
+    assert "serving it eager" in caplog.text
+    bundle = load_bundle(tiny_bundle)
+    block = bundle.manifest.featurenorm.selected_block
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    want = score_batch(bundle.model.eval(), images, [block])
+    got = predictor(list(images))
+    for d in SERVED:
+        np.testing.assert_allclose([s.scores[d.name] for s in got], want.of(d, block), rtol=RTOL)
+
+
+def test_the_trace_can_be_turned_off(tiny_bundle):
+    from service.inference import Predictor
+
+    predictor = Predictor(load_bundle(tiny_bundle), "cpu", "float32", 4, 1, cpu_trace=False)
+    predictor.warm_up([1, 4])
+    assert not predictor.traced

@@ -38,6 +38,7 @@ from service.schemas import (
     PredictResponse,
 )
 from service.security import PredictRoute
+from service.shedding import head_reservation
 
 # PredictRoute: the API key and the body's content type are checked before it is parsed.
 router = APIRouter(tags=["predict"], route_class=PredictRoute)
@@ -138,7 +139,7 @@ async def predict(
 ) -> Response:
     engine = await engine_for(request, params.model)
     prediction = await engine.predict(await image.read(), engine.policy_for(params),
-                                      _top_k(engine, params))
+                                      _top_k(engine, params), head=head_reservation(request))
     return _json(PredictResponse(**dict(prediction), model=engine.model_ref,
                                  server_time_ms=_elapsed_ms(request)))
 
@@ -157,7 +158,7 @@ async def predict_batch(
     policy, top_k = engine.policy_for(params), _top_k(engine, params)
     # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
     # and pool share for them all.
-    decoding = engine.request_decoding(len(images))
+    decoding = engine.request_decoding(len(images), head_reservation(request))
 
     async def one(index: int, upload: UploadFile) -> BatchItem:
         try:

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 import service
+from service.admission import Reservation
 from service.decoding import RequestTooLarge
 from service.engine import Engine
 from service.errors import ServiceError
@@ -56,6 +57,7 @@ from service.oip_schemas import (
 from service.routers.deps import engine_for, readiness
 from service.schemas import Prediction, PredictParams
 from service.security import authorize
+from service.shedding import head_reservation
 from training.detectors import SERVED, SERVED_NAMES
 
 router = APIRouter(prefix="/v2", include_in_schema=False)
@@ -162,7 +164,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     images = _images(request_.inputs, binary, engine.settings.max_batch_images)
     params, binary_output = _parameters(request_.parameters)
     outputs = _outputs(request_.outputs, binary_output, len(engine.manifest.classes))
-    predictions = await _predict_all(engine, images, params)
+    predictions = await _predict_all(engine, images, params, head_reservation(request))
     return _response(engine, request_.id, predictions, outputs)
 
 
@@ -359,15 +361,15 @@ def _outputs(requested: list | None, binary_default: bool, classes: int) -> list
     return chosen
 
 
-async def _predict_all(engine: Engine, images: list[bytes],
-                       params: PredictParams) -> list[Prediction]:
+async def _predict_all(engine: Engine, images: list[bytes], params: PredictParams,
+                       head: Reservation | None) -> list[Prediction]:
     """Every image's prediction, all classes ranked; the first image that cannot be scored
     fails the request (the others are dropped, as on /predict/batch)."""
     policy = engine.policy_for(params)
     all_classes = len(engine.manifest.classes)
     # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
     # and pool share for them all.
-    decoding = engine.request_decoding(len(images))
+    decoding = engine.request_decoding(len(images), head)
 
     async def one(index: int, data: bytes) -> Prediction:
         try:

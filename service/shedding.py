@@ -1,0 +1,166 @@
+"""Overload shedding from the request's head: a scoring request that admission would refuse
+is answered 503 by the HTTP protocol, without going through the application.
+
+Under overload nearly every request is refused, and a refusal made by the application costs
+what any request costs before its images: the middlewares, routing, the multipart parse and
+the parameters. With clients that retry at once, the event loop then spends its time
+refusing, and each step of an admitted request (its body, its decoding, its batch, its
+answer) waits behind a whole round of refusals: at c = 2,500 on 2 cores a refusal waited
+0.8 s in the loop, and the admitted requests waited seconds for the few steps they need
+(docs/benchmarks.md). So when a request's head is complete (:mod:`service.http_protocol`),
+:class:`Shedder` asks the target model's admission whether one more image would be refused
+(a request holds at least one). If so, a minimal ASGI app answers with admission's own 503
+``overloaded``, ``Retry-After`` and message, counted in ``oodserve_requests_total`` under the
+route's template like any answer. If not, that place is taken now and handed to the
+application with the request (:func:`head_reservation`), whose admission counts it as one of
+the request's images: a check that reserved nothing would let every request whose head
+arrives in one turn of the event loop through on the same free places, to be refused by the
+application at full cost.
+
+Only requests whose refusal is certain and cheap are shed here; everything else goes to the
+application, which still admits every request it scores:
+
+- ``POST /predict`` and ``/predict/batch`` (the model from the ``model`` query parameter, or
+  the default one when the query names none; a model named in the form alone cannot be seen
+  from the head, so with several models served such a request goes to the application), and
+  the Open Inference Protocol's ``infer`` (the model and version from the path, the error in
+  the protocol's shape);
+- with ``OODSERVE_API_KEY`` set, only a request carrying the key: one without it gets its 401;
+- a body of a declared ``Content-Length`` no larger than ``OODSERVE_MAX_DRAIN_BYTES``, and no
+  ``Expect: 100-continue``: the parser then reads and drops the body as it arrives, on a
+  connection that stays open, so that every client reads the answer (chunked or larger
+  bodies, and clients waiting to be told to send, are the application's: it drains or closes
+  as for any early answer, :class:`service.middleware.EarlyAnswerMiddleware`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.admission import Refusal, Reservation
+from service.metrics import ServiceMetrics
+from service.middleware import NOSNIFF
+from service.security import authorized
+from service.settings import Settings
+
+if TYPE_CHECKING:  # the registry's middleware gives back the head's place (a cycle at run time)
+    from service.model_registry import ModelRegistry
+
+# The key under which the app's lifespan hands its shedder to the server (uvicorn keeps the
+# lifespan's state and gives it to each connection's protocol).
+STATE_KEY = "oodserve.shedder"
+# The scope key of the place a request's head took.
+HEAD_KEY = "oodserve.head_reservation"
+
+PREDICT_PATHS = ("/predict", "/predict/batch")
+
+
+def _target(scope: Scope) -> tuple[str, str | None, str | None] | None:
+    """(route template, model or None for the default, version or None) of a scoring
+    request, or None when the head does not tell."""
+    path = scope["path"]
+    if path in PREDICT_PATHS:
+        query = scope["query_string"]
+        models = parse_qs(query.decode("latin-1")).get("model") if query else None
+        if models is None:
+            return path, None, None
+        return (path, models[0], None) if len(models) == 1 else None
+    parts = path.split("/")
+    if parts[:3] != ["", "v2", "models"] or parts[-1] != "infer":
+        return None
+    if len(parts) == 5:
+        return "/v2/models/{name}/infer", parts[3], None
+    if len(parts) == 7 and parts[4] == "versions":
+        return "/v2/models/{name}/versions/{version}/infer", parts[3], parts[5]
+    return None
+
+
+def head_reservation(request: Request) -> Reservation | None:
+    """The place the request's head took, for its admission (which then holds it)."""
+    return request.scope.get(HEAD_KEY)
+
+
+def close_head_reservation(scope: Scope) -> None:
+    """Give back the head's place of a request that ended before its admission used it."""
+    if (head := scope.pop(HEAD_KEY, None)) is not None:
+        head.close()
+
+
+class Shedder:
+    """What :mod:`service.http_protocol` asks about each request once its head is in."""
+
+    CACHED = 256  # answers kept, by route and refusal (a refusal's text has few variants)
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics):
+        self.api_key = settings.api_key
+        self.max_drain_bytes = settings.max_drain_bytes
+        self.registry = registry
+        self.metrics = metrics
+        self._answers: dict[tuple[str, Refusal], ASGIApp] = {}
+
+    def __call__(self, scope: Scope) -> ASGIApp | None:
+        """An app that answers the request 503 now, or None (the application's)."""
+        if scope["method"] != "POST" or (target := self._target(scope)) is None:
+            return None
+        route, name, version = target
+        served = self.registry.models.get(self.registry.default if name is None else name)
+        if served is None or (version is not None
+                              and version != served.engine.model_ref.version):
+            return None  # the application's 404
+        admission = served.engine.admission
+        if (refused := admission.refusal(1)) is not None:
+            return self._answer(route, refused)
+        scope[HEAD_KEY] = admission.admit(1)
+        return None
+
+    def _target(self, scope: Scope) -> tuple[str, str | None, str | None] | None:
+        target = _target(scope)
+        if target is None or (target[1] is None and len(self.registry.models) > 1):
+            return None
+        length, authorization = None, b""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() and length is None else -1
+            elif name == b"authorization":
+                authorization = value
+            elif name in (b"expect", b"transfer-encoding"):
+                return None
+        if length is None or not 0 <= length <= self.max_drain_bytes:
+            return None
+        return target if authorized(self.api_key, authorization) else None
+
+    def _answer(self, route: str, refused: Refusal) -> ASGIApp:
+        """The answer to a refusal, built once: most refusals repeat the same few texts."""
+        if (answer := self._answers.get((route, refused))) is not None:
+            return answer
+        error = refused.error()
+        if route.startswith("/v2/"):
+            body = {"error": error.message}
+        else:
+            body = {"error": {"code": error.code, "message": error.message}}
+        content = json.dumps(body).encode()
+        start = {"type": "http.response.start", "status": error.status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()), NOSNIFF,
+            *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]}
+        end = {"type": "http.response.body", "body": content}
+        requests = self.metrics.requests.labels(route, str(error.status))
+        duration = self.metrics.request_duration.labels(route)
+
+        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+            began = time.perf_counter()
+            await send(start)
+            await send(end)
+            requests.inc()
+            duration.observe(time.perf_counter() - began)
+
+        if len(self._answers) >= self.CACHED:
+            self._answers.clear()
+        self._answers[(route, refused)] = answer
+        return answer
