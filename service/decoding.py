@@ -11,6 +11,9 @@ Per-request budget: every image's decoded pixels are reserved from its request's
 decoded; the image that would pass the budget fails the whole request with 413
 ``request_too_many_pixels``. So a request of many large images that each pass the per-image
 limit (64 all-zero 5000x5000 PNGs in 4.7 MB: 27 s of decoding) costs at most the budget.
+A request of several images is checked against the budget as a whole first, on their
+headers (:meth:`Decoder.pixels`), before it is admitted: one that would pass it is refused
+without decoding any image, rather than after its first large ones.
 
 Reduced JPEG decoding (:data:`DRAFT_FACTOR`): a JPEG whose shorter side is at least
 ``2 * DRAFT_FACTOR * resize_size`` is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow's
@@ -64,11 +67,14 @@ class PixelBudget:
     def reserve(self, pixels: int) -> None:
         with self._lock:
             if self.used + pixels > self.limit:
-                raise RequestTooLarge(
-                    413, "request_too_many_pixels", f"the request's images decode to more "
-                    f"than {self.limit} pixels in all (OODSERVE_MAX_REQUEST_PIXELS); send "
-                    "fewer or smaller images per request")
+                raise self.exceeded()
             self.used += pixels
+
+    def exceeded(self) -> RequestTooLarge:
+        return RequestTooLarge(413, "request_too_many_pixels", f"the request's images decode "
+                               f"to more than {self.limit} pixels in all "
+                               "(OODSERVE_MAX_REQUEST_PIXELS); send fewer or smaller images "
+                               "per request")
 
 
 class RequestTooLarge(ServiceError):
@@ -100,6 +106,18 @@ class Decoder:
             raise ImageRejected(413, "too_many_pixels", f"image is {width}x{height}; "
                                 f"resizing its shorter side to {self.resize_size} would make "
                                 f"more than {self.max_pixels} pixels")
+
+    def pixels(self, data: bytes) -> int:
+        """What decoding ``data`` would reserve from its request's budget, read from the
+        header alone (no pixel is decoded); 0 for an image that decoding will reject
+        anyway, which reserves nothing."""
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                self._check_size(*image.size)
+                self._reduce(image)
+                return image.size[0] * image.size[1]
+        except Exception:  # noqa: BLE001 - decoding says why, image by image
+            return 0
 
     def __call__(self, data: bytes, budget: PixelBudget | None = None) -> torch.Tensor:
         """Preprocessed image tensor, or :class:`ImageRejected`; with ``budget``, the

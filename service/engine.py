@@ -220,14 +220,21 @@ class Engine:
         if isinstance(self.scorer, LocalScorer) and self.scorer.predictor.device.type == "cuda":
             torch.cuda.empty_cache()  # what the model and its graphs held, for the next one
 
-    def request_decoding(self, images: int = 1,
+    def request_decoding(self, images: list[bytes] | int = 1,
                          head: Reservation | None = None) -> RequestDecoding:
-        """Admit a new request of ``images`` images, before any is decoded, or refuse it as a
-        whole (:class:`~service.admission.Overloaded`, a 503); its decoding share, to pass to
-        :meth:`predict` for each image and to close when the request ends. ``head``: the
-        place its head took (:func:`service.shedding.head_reservation`)."""
-        return RequestDecoding(self.admission.admit(images, head),
-                               self.settings.max_request_pixels, self.decodes_per_request)
+        """Admit a new request of ``images`` (their bytes, or how many), before any is
+        decoded, or refuse it as a whole: 413 :class:`~service.decoding.RequestTooLarge` if
+        the images' headers already pass its pixel budget, 503
+        :class:`~service.admission.Overloaded` if they do not fit the queue. Its decoding
+        share, to pass to :meth:`predict` for each image and to close when the request
+        ends. ``head``: the place its head took (:func:`service.shedding.head_reservation`)."""
+        budget = self.settings.max_request_pixels
+        if not isinstance(images, int):
+            if sum(map(self.decoder.pixels, images)) > budget:
+                raise PixelBudget(budget).exceeded()
+            images = len(images)
+        return RequestDecoding(self.admission.admit(images, head), budget,
+                               self.decodes_per_request)
 
     def policy_for(self, params: PredictParams) -> Policy:
         """The thresholds and rule a request's parameters ask for (the bundle's when none)."""

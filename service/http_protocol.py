@@ -148,15 +148,17 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
-        before = self.cycle
         super().on_headers_complete()
-        if self.cycle is not before:  # a request to answer (not an upgrade)
-            self._requests += 1
-            if 0 < self.max_requests_per_connection <= self._requests:
-                self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
     def _start_asgi_task(self, cycle, app) -> None:
-        shed = self.app_state.get(STATE_KEY)
+        """Start answering a request (in order: pipelined ones wait for the one before)."""
+        self._requests += 1
+        if 0 < self.max_requests_per_connection <= self._requests:
+            cycle.keep_alive = False  # answered with Connection: close, then closed
+        # A refusal from the head is sent before the body is read, so only on a connection
+        # that stays open, where the parser reads and drops the body: closing one while the
+        # body still arrives would reset it (the app's early answers drain it first).
+        shed = self.app_state.get(STATE_KEY) if cycle.keep_alive else None
         super()._start_asgi_task(cycle, shed and shed(cycle.scope) or app)
 
     def on_message_complete(self) -> None:

@@ -30,9 +30,11 @@ def server(tiny_bundle, tmp_path_factory):
         yield int(base.rsplit(":", 1)[1])
 
 
-def body(field: str = "image") -> bytes:
+def body(field: str = "image", padding: int = 0) -> bytes:
+    """A multipart body of one PNG (``padding`` zero bytes after it)."""
     return (f'--b\r\nContent-Disposition: form-data; name="{field}"; filename="a.png"\r\n'
-            'Content-Type: image/png\r\n\r\n').encode() + png(noise_image(1)) + b"\r\n--b--\r\n"
+            'Content-Type: image/png\r\n\r\n').encode() + png(noise_image(1)) + (
+        b"\0" * padding + b"\r\n--b--\r\n")
 
 
 def head(path: str, length: int, auth: bool = True) -> bytes:
@@ -92,6 +94,14 @@ def test_a_request_that_would_be_refused_is_answered_from_its_head(server):
         keyless.sendall(head("/predict", len(data), auth=False) + data)
         assert answer(keyless).status == 401
         keyless.close()
+        # A request on a connection that closes after it is the app's: answering from the
+        # head and closing while its body still arrives would reset the connection.
+        closing = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+        closing.request("POST", "/predict", body=body(padding=4_000_000), headers={
+            "Authorization": f"Bearer {KEY}", "Connection": "close",
+            "Content-Type": "multipart/form-data; boundary=b"})
+        assert closing.getresponse().status == 503
+        closing.close()
         # The holder's request, once its body is in, is scored with the place it took.
         holder.sendall(data[10:])
         assert answer(holder).status == 200

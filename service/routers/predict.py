@@ -156,13 +156,14 @@ async def predict_batch(
     # More than OODSERVE_MAX_BATCH_IMAGES parts never get here: the multipart parser stops
     # at FastAPI's form_limits (see create_app) and the error handlers answer 413.
     policy, top_k = engine.policy_for(params), _top_k(engine, params)
-    # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
-    # and pool share for them all.
-    decoding = engine.request_decoding(len(images), head_reservation(request))
+    # Admitted as a whole, or refused (413 over the pixel budget by the headers, 503) before
+    # any image is decoded; one pixel budget and pool share for them all.
+    datas = [await upload.read() for upload in images]
+    decoding = engine.request_decoding(datas, head_reservation(request))
 
-    async def one(index: int, upload: UploadFile) -> BatchItem:
+    async def one(index: int, upload: UploadFile, data: bytes) -> BatchItem:
         try:
-            prediction = await engine.predict(await upload.read(), policy, top_k, decoding)
+            prediction = await engine.predict(data, policy, top_k, decoding)
         except ServiceError as exc:
             # The server (5xx: a failed pass, overload), not the image, or the request as a
             # whole (its pixel budget): fail the whole request.
@@ -172,6 +173,6 @@ async def predict_batch(
                              error=ErrorBody(code=exc.code, message=exc.message))
         return BatchItem(index=index, filename=upload.filename, prediction=prediction)
 
-    results = await decoding.gather([one(i, f) for i, f in enumerate(images)])
+    results = await decoding.gather([one(i, f, d) for i, (f, d) in enumerate(zip(images, datas))])
     return _json(BatchResponse(model=engine.model_ref, results=list(results),
                                server_time_ms=_elapsed_ms(request)))

@@ -367,9 +367,9 @@ async def _predict_all(engine: Engine, images: list[bytes], params: PredictParam
     fails the request (the others are dropped, as on /predict/batch)."""
     policy = engine.policy_for(params)
     all_classes = len(engine.manifest.classes)
-    # Admitted as a whole, or refused (503) before any image is decoded; one pixel budget
-    # and pool share for them all.
-    decoding = engine.request_decoding(len(images), head)
+    # Admitted as a whole, or refused (413 over the pixel budget by the headers, 503) before
+    # any image is decoded; one pixel budget and pool share for them all.
+    decoding = engine.request_decoding(images, head)
 
     async def one(index: int, data: bytes) -> Prediction:
         try:
