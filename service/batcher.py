@@ -8,9 +8,8 @@ batch fills up, so the batch size follows the load by itself.
 
 The thread, not a task on the event loop, decides when to send a batch and takes the next
 one as soon as the last is done: under overload the loop is busy answering refusals, and a
-collector task there waited a turn of the loop (0.3 to 0.8 s at c = 2,500 on 2 cores) to be
-woken by each new image and again by each finished batch, so the model sat idle between
-batches and the admitted requests waited (docs/benchmarks.md). The queue is shared under a
+collector task there waited a whole turn of the loop to be woken by each new image and again
+by each finished batch, while the model sat idle. The queue is shared under a
 lock that neither side holds while it works.
 
 When to send a batch that is not full: admitted images still on their way (waiting for their

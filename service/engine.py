@@ -89,7 +89,7 @@ class LocalScorer:
             # Timed with the worker's cores to itself. Under load its event loop is one more
             # busy thread on them: the forward pass's T threads then get T / (T + 1) of
             # their pace (half, with one), and a seed at the full pace admitted an opening
-            # overload burst that waited 4 s (docs/benchmarks.md).
+            # overload burst that then waited far past the bound (docs/benchmarks.md).
             seconds *= (self.torch_threads + 1) / self.torch_threads
         self.batcher.throughput.seed(self.max_batch_size, seconds)
 

@@ -19,9 +19,9 @@ On the CPU the same computation is traced to TorchScript during warm-up: a trace
 call into C++ that holds no GIL until it returns, where an eager one gives the GIL back and
 takes it again at each of its operators (about 170 for ResNet-56). While the event loop is
 busy (an overload, a storm of refusals) each re-take waits for the loop's thread to yield, up
-to the interpreter's switch interval (5 ms), and an eager forward pass of 32 images took 7 to
-10 times as long as alone; the traced one about 1.3 times (docs/benchmarks.md). The traced
-pass runs the same operators on the same tensors, and warm-up checks that it gives the eager
+to the interpreter's switch interval (5 ms): an eager forward pass then takes many times as
+long as alone, a traced one barely longer (``bench/busy_loop.py``, docs/benchmarks.md). The
+traced pass runs the same operators on the same tensors, and warm-up checks that it gives the eager
 pass's numbers to the bit, else the predictor stays eager and says so.
 
 A :class:`Predictor` is only ever called from one thread (the batcher's inference thread, or

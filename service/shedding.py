@@ -5,17 +5,16 @@ Under overload nearly every request is refused, and a refusal made by the applic
 what any request costs before its images: the middlewares, routing, the multipart parse and
 the parameters. With clients that retry at once, the event loop then spends its time
 refusing, and each step of an admitted request (its body, its decoding, its batch, its
-answer) waits behind a whole round of refusals: at c = 2,500 on 2 cores a refusal waited
-0.8 s in the loop, and the admitted requests waited seconds for the few steps they need
-(docs/benchmarks.md). So when a request's head is complete (:mod:`service.http_protocol`),
-:class:`Shedder` asks the target model's admission whether one more image would be refused
-(a request holds at least one). If so, a minimal ASGI app answers with admission's own 503
-``overloaded``, ``Retry-After`` and message, counted in ``oodserve_requests_total`` under the
-route's template like any answer. If not, that place is taken now and handed to the
-application with the request (:func:`head_reservation`), whose admission counts it as one of
-the request's images: a check that reserved nothing would let every request whose head
-arrives in one turn of the event loop through on the same free places, to be refused by the
-application at full cost.
+answer) waits behind a whole round of refusals, so that the few admitted requests waited
+seconds (``bench/attack.py``, docs/benchmarks.md). So when a request's head is complete
+(:mod:`service.http_protocol`), :class:`Shedder` asks the target model's admission whether
+one more image would be refused (a request holds at least one). If so, a minimal ASGI app
+answers with admission's own 503 ``overloaded``, ``Retry-After`` and message, counted in
+``oodserve_requests_total`` under the route's template like any answer. If not, that place
+is taken now and handed to the application with the request (:func:`head_reservation`),
+whose admission counts it as one of the request's images: a check that reserved nothing
+would let every request whose head arrives in one turn of the event loop through on the same
+free places, to be refused by the application at full cost.
 
 Only requests whose refusal is certain and cheap are shed here; everything else goes to the
 application, which still admits every request it scores:
