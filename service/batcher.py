@@ -106,9 +106,15 @@ class Batcher(Generic[R]):
         """Run ``fn`` on the inference thread (warm-up), in order with the batches."""
         future = self._loop.create_future()
         with self._lock:
+            self._check_running()
             self._calls.append((fn, future))
             self._lock.notify()
         return await future
+
+    def _check_running(self) -> None:
+        """Under the lock: nothing may be queued once stopped (no thread would run it)."""
+        if self._stopping:
+            raise RuntimeError("the batcher is stopped")
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
@@ -130,6 +136,7 @@ class Batcher(Generic[R]):
             raise QueueFull
         job: _Job[R] = _Job(image, self._loop.create_future())
         with self._lock:
+            self._check_running()
             self._pending.append(job)
             self._lock.notify()
         return job.future
@@ -150,7 +157,7 @@ class Batcher(Generic[R]):
                 result, error = fn(), None
             except Exception as exc:  # noqa: BLE001 - raised again to the caller, on the loop
                 result, error = None, exc
-            self._loop.call_soon_threadsafe(_settle, future, result, error)
+            self._hand_back(_settle, future, result, error)
 
     def _next(self) -> list[_Job[R]] | tuple[Callable[[], Any], asyncio.Future] | None:
         """The next batch or function to run, waiting for one (under the lock); None once
@@ -208,7 +215,13 @@ class Batcher(Generic[R]):
             self._metrics.inference_duration.observe(self._last_finished - started)
             with self._lock:
                 self._backlog_at_last_finish = bool(self._pending) or self._preparing > 0
-        self._loop.call_soon_threadsafe(_deliver, batch, results, error)
+        self._hand_back(_deliver, batch, results, error)
+
+    def _hand_back(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody waits for these any more
+            log.warning("the event loop closed before a result could be handed back")
 
 
 def _deliver(batch: list[_Job[R]], results: list[R] | None,

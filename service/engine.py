@@ -229,12 +229,13 @@ class Engine:
         share, to pass to :meth:`predict` for each image and to close when the request
         ends. ``head``: the place its head took (:func:`service.shedding.head_reservation`)."""
         budget = self.settings.max_request_pixels
-        if not isinstance(images, int):
-            if sum(map(self.decoder.pixels, images)) > budget:
-                raise PixelBudget(budget).exceeded()
-            images = len(images)
-        return RequestDecoding(self.admission.admit(images, head), budget,
-                               self.decodes_per_request)
+        datas = None if isinstance(images, int) else images
+        reservation = self.admission.admit(len(datas) if datas else images, head)
+        # After admission, so that a request refused for load costs no header reading.
+        if datas and sum(map(self.decoder.pixels, datas)) > budget:
+            reservation.close()
+            raise PixelBudget(budget).exceeded()
+        return RequestDecoding(reservation, budget, self.decodes_per_request)
 
     def policy_for(self, params: PredictParams) -> Policy:
         """The thresholds and rule a request's parameters ask for (the bundle's when none)."""

@@ -23,7 +23,10 @@ then lets the kernel's ``SO_REUSEPORT`` spread them over all the workers again
 (:mod:`service.workers`).
 
 A scoring request that admission would refuse is answered 503 from its head, without the
-app, by the shedder the app's lifespan hands over (:mod:`service.shedding`).
+app, by the shedder the app's lifespan hands over (:mod:`service.shedding`). Requests are
+started once the read that completed their head is parsed, so that the shedder knows whether
+the body came with it; the body of a refused request must then keep arriving
+(``OODSERVE_READ_TIMEOUT_S`` between reads) while it is dropped, or the connection is closed.
 
 The limits are class attributes, set by
 :func:`configure` from the settings when the app is created (in each worker, before it
@@ -68,6 +71,11 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._head_timer = None
+        # Requests whose heads this read completed, started once the read is parsed (then
+        # it is known whether each one's body came with it); None outside a read.
+        self._starting: list | None = None
+        self._dropping = None  # the refused request whose body is being read and dropped
+        self._drop_timer = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -75,6 +83,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        self._stop_dropping()
         super().connection_lost(exc)
 
     def _start_head_timer(self) -> None:
@@ -116,7 +125,10 @@ class HttpProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
             self._start_head_timer()
+        if self._dropping is not None:
+            self._start_drop_timer()
         self._unset_keepalive_if_required()
+        self._starting = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # as uvicorn does
@@ -132,6 +144,11 @@ class HttpProtocol(HttpToolsProtocol):
             log.warning("Invalid HTTP request received.")
             self._refuse(400, "bad_request", "invalid HTTP request")
             return
+        finally:
+            starting, self._starting = self._starting, None
+            if not self.transport.is_closing():
+                for cycle, app in starting:
+                    self._start(cycle, app)
         if self._in_head and self._head_bytes > self.max_header_bytes:
             self._too_large()
 
@@ -151,7 +168,15 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _start_asgi_task(self, cycle, app) -> None:
-        """Start answering a request (in order: pipelined ones wait for the one before)."""
+        """Start answering a request (in order: pipelined ones wait for the one before);
+        during a read, once the read is parsed. The app's task would not run before then
+        anyway."""
+        if self._starting is not None:
+            self._starting.append((cycle, app))
+        else:
+            self._start(cycle, app)
+
+    def _start(self, cycle, app) -> None:
         self._requests += 1
         if 0 < self.max_requests_per_connection <= self._requests:
             cycle.keep_alive = False  # answered with Connection: close, then closed
@@ -159,8 +184,33 @@ class HttpProtocol(HttpToolsProtocol):
         # that stays open, where the parser reads and drops the body: closing one while the
         # body still arrives would reset it (the app's early answers drain it first).
         shed = self.app_state.get(STATE_KEY) if cycle.keep_alive else None
-        super()._start_asgi_task(cycle, shed and shed(cycle.scope) or app)
+        answer = shed(cycle.scope, body_complete=not cycle.more_body) if shed else None
+        if answer is not None and cycle.more_body:
+            self._dropping = cycle
+            self._start_drop_timer()
+        super()._start_asgi_task(cycle, answer or app)
+
+    def _start_drop_timer(self) -> None:
+        """The refused request's body must keep coming (OODSERVE_READ_TIMEOUT_S between
+        reads), or the connection is closed: its answer is sent, and no app reads it."""
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+        self._drop_timer = self.loop.call_later(self.read_timeout_s, self.transport.close)
+
+    def _stop_dropping(self) -> None:
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+        self._dropping = self._drop_timer = None
 
     def on_message_complete(self) -> None:
+        dropped = self._dropping is not None and self.cycle is self._dropping
         super().on_message_complete()
         self._in_head, self._head_bytes = True, 0
+        if dropped:
+            self._stop_dropping()
+            # Its answer has been sent, and reading the body cancelled the keep-alive
+            # timer that followed it: an idle connection closes as after any answer.
+            if (self.cycle.response_complete and not self.pipeline
+                    and self.timeout_keep_alive_task is None):
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)

@@ -10,11 +10,15 @@ seconds (``bench/attack.py``, docs/benchmarks.md). So when a request's head is c
 (:mod:`service.http_protocol`), :class:`Shedder` asks the target model's admission whether
 one more image would be refused (a request holds at least one). If so, a minimal ASGI app
 answers with admission's own 503 ``overloaded``, ``Retry-After`` and message, counted in
-``oodserve_requests_total`` under the route's template like any answer. If not, that place
-is taken now and handed to the application with the request (:func:`head_reservation`),
-whose admission counts it as one of the request's images: a check that reserved nothing
-would let every request whose head arrives in one turn of the event loop through on the same
-free places, to be refused by the application at full cost.
+``oodserve_requests_total`` under the route's template like any answer. If not, and the
+body came with the head (as a small upload does), that place is taken now and handed to the
+application with the request (:func:`head_reservation`), whose admission counts it as one of
+the request's images: a check that reserved nothing would let every request whose head
+arrives in one turn of the event loop through on the same free places, to be refused by the
+application at full cost. A request whose body is still on its way takes no place, so that
+slow uploads cannot hold the queue. While a refused request's body is read and dropped, it
+must keep arriving (``OODSERVE_READ_TIMEOUT_S`` between reads), else the connection is
+closed.
 
 Only requests whose refusal is certain and cheap are shed here; everything else goes to the
 application, which still admits every request it scores:
@@ -25,11 +29,12 @@ application, which still admits every request it scores:
   the Open Inference Protocol's ``infer`` (the model and version from the path, the error in
   the protocol's shape);
 - with ``OODSERVE_API_KEY`` set, only a request carrying the key: one without it gets its 401;
-- a body of a declared ``Content-Length`` no larger than ``OODSERVE_MAX_DRAIN_BYTES``, and no
-  ``Expect: 100-continue``: the parser then reads and drops the body as it arrives, on a
-  connection that stays open, so that every client reads the answer (chunked or larger
-  bodies, and clients waiting to be told to send, are the application's: it drains or closes
-  as for any early answer, :class:`service.middleware.EarlyAnswerMiddleware`).
+- a body of a declared ``Content-Length`` no larger than ``OODSERVE_MAX_DRAIN_BYTES`` and
+  ``OODSERVE_MAX_UPLOAD_BYTES`` (a larger one gets the application's 413, not a 503 to
+  retry), and no ``Expect: 100-continue``: the parser then reads and drops the body as it
+  arrives, on a connection that stays open, so that every client reads the answer (chunked
+  or larger bodies, and clients waiting to be told to send, are the application's: it drains
+  or closes as for any early answer, :class:`service.middleware.EarlyAnswerMiddleware`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.admission import Refusal, Reservation
 from service.metrics import ServiceMetrics
-from service.middleware import NOSNIFF
+from service.middleware import NOSNIFF, START_KEY
 from service.security import authorized
 from service.settings import Settings
 
@@ -66,7 +71,8 @@ def _target(scope: Scope) -> tuple[str, str | None, str | None] | None:
     path = scope["path"]
     if path in PREDICT_PATHS:
         query = scope["query_string"]
-        models = parse_qs(query.decode("latin-1")).get("model") if query else None
+        models = (parse_qs(query.decode("latin-1"), keep_blank_values=True).get("model")
+                  if query else None)
         if models is None:
             return path, None, None
         return (path, models[0], None) if len(models) == 1 else None
@@ -98,41 +104,47 @@ class Shedder:
 
     def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics):
         self.api_key = settings.api_key
-        self.max_drain_bytes = settings.max_drain_bytes
+        # A body larger than this gets the app's 413, not a 503 to retry.
+        self.max_body = min(settings.max_drain_bytes, settings.max_upload_bytes)
         self.registry = registry
         self.metrics = metrics
         self._answers: dict[tuple[str, Refusal], ASGIApp] = {}
 
-    def __call__(self, scope: Scope) -> ASGIApp | None:
-        """An app that answers the request 503 now, or None (the application's)."""
+    def __call__(self, scope: Scope, body_complete: bool) -> ASGIApp | None:
+        """An app that answers the request 503 now, or None (the application's). A request
+        that passes takes its first place now if its body is already in (``body_complete``:
+        it came with the head); one still uploading takes none, so that slow uploads never
+        hold places."""
         if scope["method"] != "POST" or (target := self._target(scope)) is None:
             return None
         route, name, version = target
         served = self.registry.models.get(self.registry.default if name is None else name)
         if served is None or (version is not None
                               and version != served.engine.model_ref.version):
-            return None  # the application's 404
+            return None  # the application's 404 (or 422)
         admission = served.engine.admission
         if (refused := admission.refusal(1)) is not None:
+            scope[START_KEY] = time.perf_counter()
             return self._answer(route, refused)
-        scope[HEAD_KEY] = admission.admit(1)
+        if body_complete:
+            scope[HEAD_KEY] = admission.admit(1)
         return None
 
     def _target(self, scope: Scope) -> tuple[str, str | None, str | None] | None:
         target = _target(scope)
         if target is None or (target[1] is None and len(self.registry.models) > 1):
             return None
-        length, authorization = None, b""
+        length, authorization = None, None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = int(value) if value.isdigit() and length is None else -1
-            elif name == b"authorization":
+            elif name == b"authorization" and authorization is None:  # the first, as the app
                 authorization = value
             elif name in (b"expect", b"transfer-encoding"):
                 return None
-        if length is None or not 0 <= length <= self.max_drain_bytes:
+        if length is None or not 0 <= length <= self.max_body:
             return None
-        return target if authorized(self.api_key, authorization) else None
+        return target if authorized(self.api_key, authorization or b"") else None
 
     def _answer(self, route: str, refused: Refusal) -> ASGIApp:
         """The answer to a refusal, built once: most refusals repeat the same few texts."""
@@ -153,11 +165,10 @@ class Shedder:
         duration = self.metrics.request_duration.labels(route)
 
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-            began = time.perf_counter()
             await send(start)
             await send(end)
             requests.inc()
-            duration.observe(time.perf_counter() - began)
+            duration.observe(time.perf_counter() - scope[START_KEY])
 
         if len(self._answers) >= self.CACHED:
             self._answers.clear()

@@ -265,3 +265,18 @@ async def test_an_image_given_up_leaves_no_backlog_behind():
     finally:
         await batcher.stop()
 
+
+
+async def test_a_stopped_batcher_refuses_work_instead_of_hanging():
+    """Once stopped, no thread would ever run what is queued: submitting an image or a
+    function is an error at once, not a future that never resolves; what was queued at the
+    stop is cancelled."""
+    batcher = instant_batcher()
+    assert await batcher.submit(1) == 1
+    assert await batcher.run_in_thread(lambda: 2) == 2
+    await batcher.stop()
+    assert batcher.stopped
+    with pytest.raises(RuntimeError, match="stopped"):
+        batcher.submit(3)
+    with pytest.raises(RuntimeError, match="stopped"):
+        await batcher.run_in_thread(lambda: 4)

@@ -1,33 +1,76 @@
-"""Refusals answered from the request's head (service/shedding.py), against a real server.
+"""Refusals answered from the request's head (service/shedding.py), through the real HTTP
+protocol: uvicorn with the service's protocol class, in this process, so that a test can
+hold the forward pass.
 
-One worker with a queue of one image: a request whose body is still on its way holds that
-place (its head took it), so that every other scoring request is refused while it waits,
-deterministically and without load.
+A queue of one image and batches of one: with one image held in the forward pass and one
+waiting, every other scoring request is refused, deterministically and without load.
 """
 
 import http.client
 import json
 import socket
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
-from service_helpers import metric, noise_image, png, running_service
+import uvicorn
+from service_helpers import free_port, metric, noise_image, png, settings
+from test_service_admission import Gate
+
+from service.app import create_app
+from service.http_protocol import HttpProtocol
+from service.inference import Predictor
 
 KEY = "0123456789abcdef0123"
 AUTH = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
 MODEL = "test-resnet20"  # the tiny bundle's name
+READ_TIMEOUT_S = 1.0
+KEEP_ALIVE_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shedding")
-    with running_service(tmp, OODSERVE_LAYOUT="replicated", OODSERVE_BUNDLE=tiny_bundle,
-                         OODSERVE_WORKERS="1", OODSERVE_API_KEY=KEY,
-                         OODSERVE_MAX_BATCH_SIZE="1", OODSERVE_MAX_QUEUE_SIZE="1",
-                         OODSERVE_MAX_BATCH_IMAGES="1", OODSERVE_READ_TIMEOUT_S="20"
-                         ) as (_, base, _):
-        yield int(base.rsplit(":", 1)[1])
+@contextmanager
+def live_server(app_settings):
+    """The app served by uvicorn with the service's protocol on a free port, in a thread."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(app_settings), host="127.0.0.1", port=port, http=HttpProtocol,
+        lifespan="on", log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "the server did not become ready"
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    gate = Gate()
+    monkeypatch.setattr(Predictor, "__call__", gate.wrap(Predictor.__call__))
+    return gate
+
+
+@pytest.fixture
+def server(tiny_bundle, gate):
+    app_settings = settings(tiny_bundle, api_key=KEY, max_batch_size=1, max_queue_size=1,
+                            max_batch_images=1, max_batch_delay_ms=0,
+                            read_timeout_s=READ_TIMEOUT_S)
+    with live_server(app_settings) as port:
+        yield port
 
 
 def body(field: str = "image", padding: int = 0) -> bytes:
@@ -56,24 +99,41 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def test_a_request_that_would_be_refused_is_answered_from_its_head(server):
-    data = body()
-    holder = connect(server)
-    holder.sendall(head("/predict", len(data)) + data[:10])  # holds the queue's one place
-    probe = connect(server)
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds``."""
+    sock.settimeout(seconds)
     try:
-        # Refused as soon as the head is in: no byte of the body has been sent.
-        for _ in range(50):
-            probe.sendall(head("/predict", len(data)))
-            started = time.perf_counter()
-            refused = answer(probe)
-            if refused.status == 503:
-                break
-            probe.sendall(data)  # admitted before the holder's head was read: finish it
-            assert answer(probe).status == 200
-            time.sleep(0.05)
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+@contextmanager
+def queue_held(port: int, gate: Gate):
+    """Two requests admitted, one in the held forward pass and one waiting: the queue of one
+    is full until the block ends, when both are answered 200."""
+    data, socks = body(), [connect(port), connect(port)]
+    gate.close()
+    socks[0].sendall(head("/predict", len(data)) + data)
+    assert gate.entered.wait(10)
+    socks[1].sendall(head("/predict", len(data)) + data)
+    time.sleep(0.3)  # its head read and its place taken
+    try:
+        yield
+    finally:
+        gate.open.set()
+        assert [answer(s).status for s in socks] == [200, 200]
+        for s in socks:
+            s.close()
+
+
+def test_a_request_that_would_be_refused_is_answered_from_its_head(server, gate):
+    data = body()
+    with queue_held(server, gate), connect(server) as probe:
+        # Answered as soon as the head is in: no byte of the body has been sent.
+        probe.sendall(head("/predict", len(data)))
+        refused = answer(probe)
         assert refused.status == 503, refused.body
-        assert time.perf_counter() - started < 2
         error = json.loads(refused.body)["error"]
         assert error["code"] == "overloaded" and "OODSERVE_MAX_QUEUE_SIZE" in error["message"]
         assert int(refused.getheader("retry-after")) >= 1
@@ -83,17 +143,16 @@ def test_a_request_that_would_be_refused_is_answered_from_its_head(server):
         probe.sendall(data + head("/predict", len(data)) + data)
         assert answer(probe).status == 503
         # The protocol's own error shape on OIP infer; a client without the key gets 401.
-        oip = connect(server)
-        oip.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode() + AUTH
-                    + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-        refused_oip = answer(oip)
-        assert refused_oip.status == 503
-        assert isinstance(json.loads(refused_oip.body)["error"], str)
-        oip.close()
-        keyless = connect(server)
-        keyless.sendall(head("/predict", len(data), auth=False) + data)
-        assert answer(keyless).status == 401
-        keyless.close()
+        with connect(server) as oip:
+            oip.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+                        + AUTH + b"Content-Type: application/json\r\n"
+                        b"Content-Length: 2\r\n\r\n{}")
+            refused_oip = answer(oip)
+            assert refused_oip.status == 503
+            assert isinstance(json.loads(refused_oip.body)["error"], str)
+        with connect(server) as keyless:
+            keyless.sendall(head("/predict", len(data), auth=False) + data)
+            assert answer(keyless).status == 401
         # A request on a connection that closes after it is the app's: answering from the
         # head and closing while its body still arrives would reset the connection.
         closing = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
@@ -102,20 +161,45 @@ def test_a_request_that_would_be_refused_is_answered_from_its_head(server):
             "Content-Type": "multipart/form-data; boundary=b"})
         assert closing.getresponse().status == 503
         closing.close()
-        # The holder's request, once its body is in, is scored with the place it took.
-        holder.sendall(data[10:])
-        assert answer(holder).status == 200
+    with connect(server) as probe:  # the places are free again
         probe.sendall(head("/predict", len(data)) + data)
         assert answer(probe).status == 200
-    finally:
-        holder.close()
-        probe.close()
     counted = metric(httpx.get(f"http://127.0.0.1:{server}/metrics").text,
                      "oodserve_requests_total", endpoint="/predict", status="503")
-    assert counted >= 2
+    assert counted >= 3
 
 
-def test_the_place_a_head_took_comes_back_when_the_request_fails(server):
+def test_a_slow_upload_holds_no_place(server, gate):
+    """The head takes a place only when the body came with it: an upload still on its way
+    holds none, so slow uploads cannot hold the queue."""
+    data = body()
+    with connect(server) as slow, connect(server) as probe:
+        slow.sendall(head("/predict", len(data)) + data[:10])
+        time.sleep(0.3)
+        for _ in range(3):
+            probe.sendall(head("/predict", len(data)) + data)
+            assert answer(probe).status == 200
+        slow.sendall(data[10:])
+        assert answer(slow).status == 200
+
+
+def test_a_refused_body_that_stalls_or_ends_does_not_hold_the_connection(server, gate):
+    """The refused request's body must keep coming (the read timeout between reads); once it
+    has all been dropped, the idle connection closes after the keep-alive time, as after any
+    answer."""
+    data = body()
+    with queue_held(server, gate), connect(server) as stalled, connect(server) as idle:
+        stalled.sendall(head("/predict", len(data)) + data[:10])
+        assert answer(stalled).status == 503
+        stalled.sendall(data[10:20])  # more of it after the answer, then nothing
+        idle.sendall(head("/predict", len(data)))
+        assert answer(idle).status == 503
+        idle.sendall(data)
+        assert closed_within(stalled, READ_TIMEOUT_S + 2)
+        assert closed_within(idle, KEEP_ALIVE_S + 2)
+
+
+def test_the_place_a_head_took_comes_back_when_the_request_fails(server, gate):
     """A request refused by the app after its head took the queue's one place (an unknown
     form field: 422) gives the place back; else the next request would be refused."""
     with connect(server) as sock:
