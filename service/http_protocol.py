@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from service.shedding import STATE_KEY
+from service.shedding import STATE_KEY, Answer
 
 log = logging.getLogger("uvicorn.error")
 
@@ -185,10 +187,31 @@ class HttpProtocol(HttpToolsProtocol):
         # body still arrives would reset it (the app's early answers drain it first).
         shed = self.app_state.get(STATE_KEY) if cycle.keep_alive else None
         answer = shed(cycle.scope, body_complete=not cycle.more_body) if shed else None
-        if answer is not None and cycle.more_body:
+        if answer is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        if cycle.more_body:
             self._dropping = cycle
             self._start_drop_timer()
-        super()._start_asgi_task(cycle, answer or app)
+        self._write_answer(cycle, answer)
+
+    def _write_answer(self, cycle, answer: Answer) -> None:
+        """Write a refusal at once, as the request's whole response: no task, no app. In
+        order, since a request is started only once the one before it is answered."""
+        started = time.perf_counter()
+        content = [STATUS_LINE[answer.status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.append(answer.rest)
+        self.transport.write(b"".join(content))
+        cycle.response_started = cycle.response_complete = True
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope),
+                                    cycle.scope["method"],
+                                    get_path_with_query_string(cycle.scope),
+                                    cycle.scope["http_version"], answer.status)
+        answer.count(started)
+        self.on_response_complete()  # the next pipelined request, or the keep-alive timer
 
     def _start_drop_timer(self) -> None:
         """The refused request's body must keep coming (OODSERVE_READ_TIMEOUT_S between

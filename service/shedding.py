@@ -8,17 +8,17 @@ refusing, and each step of an admitted request (its body, its decoding, its batc
 answer) waits behind a whole round of refusals, so that the few admitted requests waited
 seconds (``bench/attack.py``, docs/benchmarks.md). So when a request's head is complete
 (:mod:`service.http_protocol`), :class:`Shedder` asks the target model's admission whether
-one more image would be refused (a request holds at least one). If so, a minimal ASGI app
-answers with admission's own 503 ``overloaded``, ``Retry-After`` and message, counted in
-``oodserve_requests_total`` under the route's template like any answer. If not, and the
-body came with the head (as a small upload does), that place is taken now and handed to the
-application with the request (:func:`head_reservation`), whose admission counts it as one of
-the request's images: a check that reserved nothing would let every request whose head
-arrives in one turn of the event loop through on the same free places, to be refused by the
-application at full cost. A request whose body is still on its way takes no place, so that
-slow uploads cannot hold the queue. While a refused request's body is read and dropped, it
-must keep arriving (``OODSERVE_READ_TIMEOUT_S`` between reads), else the connection is
-closed.
+one more image would be refused (a request holds at least one). If so, the protocol writes
+admission's own 503 ``overloaded``, ``Retry-After`` and message at once, without a task or
+the application, counted in ``oodserve_requests_total`` under the route's template like any
+answer. If not, and the body came with the head (as a small upload does), that place is
+taken now and handed to the application with the request (:func:`head_reservation`), whose
+admission counts it as one of the request's images: a check that reserved nothing would let
+every request whose head arrives in one turn of the event loop through on the same free
+places, to be refused by the application at full cost. A request whose body is still on its
+way takes no place, so that slow uploads cannot hold the queue. While a refused request's
+body is read and dropped, it must keep arriving (``OODSERVE_READ_TIMEOUT_S`` between reads),
+else the connection is closed.
 
 Only requests whose refusal is certain and cheap are shed here; everything else goes to the
 application, which still admits every request it scores:
@@ -41,15 +41,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qs
 
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import Counter, Histogram
+from starlette.types import Scope
 
 from service.admission import Refusal, Reservation
 from service.metrics import ServiceMetrics
-from service.middleware import NOSNIFF, START_KEY
+from service.middleware import NOSNIFF
 from service.security import authorized
 from service.settings import Settings
 
@@ -108,10 +109,10 @@ class Shedder:
         self.max_body = min(settings.max_drain_bytes, settings.max_upload_bytes)
         self.registry = registry
         self.metrics = metrics
-        self._answers: dict[tuple[str, Refusal], ASGIApp] = {}
+        self._answers: dict[tuple[str, Refusal], Answer] = {}
 
-    def __call__(self, scope: Scope, body_complete: bool) -> ASGIApp | None:
-        """An app that answers the request 503 now, or None (the application's). A request
+    def __call__(self, scope: Scope, body_complete: bool) -> Answer | None:
+        """The request's 503, to write now, or None (the application's). A request
         that passes takes its first place now if its body is already in (``body_complete``:
         it came with the head); one still uploading takes none, so that slow uploads never
         hold places."""
@@ -124,7 +125,6 @@ class Shedder:
             return None  # the application's 404 (or 422)
         admission = served.engine.admission
         if (refused := admission.refusal(1)) is not None:
-            scope[START_KEY] = time.perf_counter()
             return self._answer(route, refused)
         if body_complete:
             scope[HEAD_KEY] = admission.admit(1)
@@ -146,7 +146,7 @@ class Shedder:
             return None
         return target if authorized(self.api_key, authorization or b"") else None
 
-    def _answer(self, route: str, refused: Refusal) -> ASGIApp:
+    def _answer(self, route: str, refused: Refusal) -> Answer:
         """The answer to a refusal, built once: most refusals repeat the same few texts."""
         if (answer := self._answers.get((route, refused))) is not None:
             return answer
@@ -156,21 +156,29 @@ class Shedder:
         else:
             body = {"error": {"code": error.code, "message": error.message}}
         content = json.dumps(body).encode()
-        start = {"type": "http.response.start", "status": error.status, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(content)).encode()), NOSNIFF,
-            *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]}
-        end = {"type": "http.response.body", "body": content}
-        requests = self.metrics.requests.labels(route, str(error.status))
-        duration = self.metrics.request_duration.labels(route)
-
-        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-            await send(start)
-            await send(end)
-            requests.inc()
-            duration.observe(time.perf_counter() - scope[START_KEY])
-
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(content)).encode()), NOSNIFF,
+                   *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
+        answer = Answer(error.status, b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+                        + b"\r\n" + content,
+                        self.metrics.requests.labels(route, str(error.status)),
+                        self.metrics.request_duration.labels(route))
         if len(self._answers) >= self.CACHED:
             self._answers.clear()
         self._answers[(route, refused)] = answer
         return answer
+
+
+class Answer(NamedTuple):
+    """A refusal as the protocol writes it (:mod:`service.http_protocol`): its status, its
+    own headers and body (the server's, such as ``date``, go before them), and the
+    request's series in the metrics."""
+
+    status: int
+    rest: bytes
+    requests: Counter
+    duration: Histogram
+
+    def count(self, started: float) -> None:
+        self.requests.inc()
+        self.duration.observe(time.perf_counter() - started)
