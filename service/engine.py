@@ -229,10 +229,10 @@ class Engine:
         share, to pass to :meth:`predict` for each image and to close when the request
         ends. ``head``: the place its head took (:func:`service.shedding.head_reservation`)."""
         budget = self.settings.max_request_pixels
-        datas = None if isinstance(images, int) else images
-        reservation = self.admission.admit(len(datas) if datas else images, head)
+        count = images if isinstance(images, int) else len(images)
+        reservation = self.admission.admit(count, head)
         # After admission, so that a request refused for load costs no header reading.
-        if datas and sum(map(self.decoder.pixels, datas)) > budget:
+        if not isinstance(images, int) and sum(map(self.decoder.pixels, images)) > budget:
             reservation.close()
             raise PixelBudget(budget).exceeded()
         return RequestDecoding(reservation, budget, self.decodes_per_request)
