@@ -29,6 +29,9 @@ application, which still admits every request it scores:
   the Open Inference Protocol's ``infer`` (the model and version from the path, the error in
   the protocol's shape);
 - with ``OODSERVE_API_KEY`` set, only a request carrying the key: one without it gets its 401;
+- only on a connection that stays open after it (not ``Connection: close``, HTTP/1.0 or the
+  connection's last allowed request), checked by the protocol: closing a connection while
+  the body still arrives would reset it;
 - a body of a declared ``Content-Length`` no larger than ``OODSERVE_MAX_DRAIN_BYTES`` and
   ``OODSERVE_MAX_UPLOAD_BYTES`` (a larger one gets the application's 413, not a 503 to
   retry), and no ``Expect: 100-continue``: the parser then reads and drops the body as it
