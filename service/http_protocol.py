@@ -147,10 +147,7 @@ class HttpProtocol(HttpToolsProtocol):
             self._refuse(400, "bad_request", "invalid HTTP request")
             return
         finally:
-            starting, self._starting = self._starting, None
-            if not self.transport.is_closing():
-                for cycle, app in starting:
-                    self._start(cycle, app)
+            self._start_waiting()
         if self._in_head and self._head_bytes > self.max_header_bytes:
             self._too_large()
 
@@ -175,10 +172,21 @@ class HttpProtocol(HttpToolsProtocol):
         anyway."""
         if self._starting is not None:
             self._starting.append((cycle, app))
-        else:
-            self._start(cycle, app)
+            return
+        self._starting = [(cycle, app)]
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Start the requests waiting to be, in order. A loop, not a recursion: a refusal is
+        answered at once, and answering it starts the next pipelined request."""
+        try:
+            while self._starting and not self.transport.is_closing():
+                self._start(*self._starting.pop(0))
+        finally:
+            self._starting = None
 
     def _start(self, cycle, app) -> None:
+        self._unset_keepalive_if_required()  # a request being answered: not idle
         self._requests += 1
         if 0 < self.max_requests_per_connection <= self._requests:
             cycle.keep_alive = False  # answered with Connection: close, then closed
@@ -212,6 +220,8 @@ class HttpProtocol(HttpToolsProtocol):
                                     cycle.scope["http_version"], answer.status)
         answer.count(started)
         self.on_response_complete()  # the next pipelined request, or the keep-alive timer
+        if self._dropping is cycle:
+            self._unset_keepalive_if_required()  # the drop timer's, until the body is in
 
     def _start_drop_timer(self) -> None:
         """The refused request's body must keep coming (OODSERVE_READ_TIMEOUT_S between

@@ -26,7 +26,7 @@ from service.inference import Predictor
 KEY = "0123456789abcdef0123"
 AUTH = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
 MODEL = "test-resnet20"  # the tiny bundle's name
-READ_TIMEOUT_S = 1.0
+READ_TIMEOUT_S = 3.0
 KEEP_ALIVE_S = 1.0
 
 
@@ -234,3 +234,42 @@ def test_the_place_a_head_took_comes_back_when_the_request_fails(server, gate):
         good = body()
         sock.sendall(head("/predict", len(good)) + good)
         assert answer(sock).status == 200
+
+
+def test_a_pause_in_a_refused_body_shorter_than_the_read_timeout_is_allowed(server, gate):
+    """While a refused body is dropped, the read timeout governs, not the (shorter)
+    keep-alive time: a pause longer than keep-alive does not cut the body off."""
+    data = body()
+    with queue_held(server, gate), connect(server) as probe:
+        probe.sendall(head("/predict", len(data)) + data[:10])
+        assert answer(probe).status == 503
+        time.sleep(KEEP_ALIVE_S + 1)
+        probe.sendall(data[10:] + head("/predict", len(data)) + data)
+        assert statuses(probe, 1) == [503]
+
+
+def test_a_request_after_a_dropped_body_is_not_cut_off_by_keep_alive(server, gate):
+    """The rest of a refused body and a whole next request in one read: the keep-alive
+    timer armed when the body ended must not close the connection while the next request
+    is being answered (held here longer than the keep-alive time)."""
+    data = body()
+    with connect(server) as probe:
+        with queue_held(server, gate):
+            probe.sendall(head("/predict", len(data)) + data[:10])
+            assert answer(probe).status == 503
+        gate.close()
+        probe.sendall(data[10:] + head("/predict", len(data)) + data)
+        assert gate.entered.wait(10)
+        time.sleep(KEEP_ALIVE_S + 1.5)
+        gate.open.set()
+        assert statuses(probe, 1) == [200]
+
+
+def test_hundreds_of_pipelined_refusals_are_answered_in_order(server, gate):
+    """Each refusal, answered at once, starts the next pipelined request: that must not
+    recurse (400 in one read passed Python's recursion limit)."""
+    refused = (b"POST /predict HTTP/1.1\r\nHost: x\r\n" + AUTH
+               + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 0\r\n\r\n")
+    with queue_held(server, gate), connect(server) as probe:
+        probe.sendall(refused * 400)
+        assert statuses(probe, 400) == [503] * 400
