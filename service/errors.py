@@ -68,9 +68,16 @@ def is_oip(request: Request) -> bool:
 def _respond(request: Request, status: int, code: str, message: str,
              headers: dict[str, str] | None = None,
              error_id: str | None = None) -> JSONResponse:
-    """The error in the shape of the API the request is for (the id of a 500 is in its
-    message either way)."""
-    if is_oip(request):
+    return error_for(is_oip(request), status, code, message, headers, error_id)
+
+
+def error_for(oip: bool, status: int, code: str, message: str,
+              headers: dict[str, str] | None = None,
+              error_id: str | None = None) -> JSONResponse:
+    """The error in the shape of the API it is for, the Open Inference Protocol's or ours
+    (the id of a 500 is in its message either way); also what :mod:`service.shedding`
+    writes from a request's head."""
+    if oip:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return error_response(status, code, message, headers, error_id)
 

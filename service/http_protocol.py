@@ -108,15 +108,21 @@ class HttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        content = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
+        content = self._response_head(status)
         content.extend([b"content-type: application/json\r\n",
                         b"x-content-type-options: nosniff\r\n",
                         b"content-length: " + str(len(body)).encode() + b"\r\n",
                         b"connection: close\r\n\r\n", body])
         self.transport.write(b"".join(content))
         self.transport.close()
+
+    def _response_head(self, status: int) -> list[bytes]:
+        """The status line and the server's own headers (``date``), as uvicorn writes them;
+        the response's headers and body follow."""
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        return content
 
     def _too_large(self) -> None:
         self._refuse(431, "headers_too_large", f"the request line and headers are over "
@@ -207,9 +213,7 @@ class HttpProtocol(HttpToolsProtocol):
         """Write a refusal at once, as the request's whole response: no task, no app. In
         order, since a request is started only once the one before it is answered."""
         started = time.perf_counter()
-        content = [STATUS_LINE[answer.status]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
+        content = self._response_head(answer.status)
         content.append(answer.rest)
         self.transport.write(b"".join(content))
         cycle.response_started = cycle.response_complete = True

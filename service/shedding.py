@@ -42,7 +42,6 @@ application, which still admits every request it scores:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qs
@@ -52,6 +51,7 @@ from prometheus_client import Counter, Histogram
 from starlette.types import Scope
 
 from service.admission import Refusal, Reservation
+from service.errors import error_for
 from service.metrics import ServiceMetrics
 from service.middleware import NOSNIFF
 from service.security import authorized
@@ -154,16 +154,12 @@ class Shedder:
         if (answer := self._answers.get((route, refused))) is not None:
             return answer
         error = refused.error()
-        if route.startswith("/v2/"):
-            body = {"error": error.message}
-        else:
-            body = {"error": {"code": error.code, "message": error.message}}
-        content = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(content)).encode()), NOSNIFF,
-                   *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
-        answer = Answer(error.status, b"".join(k + b": " + v + b"\r\n" for k, v in headers)
-                        + b"\r\n" + content,
+        # The response the app's error handlers would make, written by the protocol.
+        response = error_for(route.startswith("/v2/"), error.status, error.code,
+                             error.message, error.headers)
+        answer = Answer(error.status, b"".join(k + b": " + v + b"\r\n" for k, v in
+                                               [*response.raw_headers, NOSNIFF])
+                        + b"\r\n" + response.body,
                         self.metrics.requests.labels(route, str(error.status)),
                         self.metrics.request_duration.labels(route))
         if len(self._answers) >= self.CACHED:
