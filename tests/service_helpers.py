@@ -1,10 +1,9 @@
-"""Helpers for the service tests: a running app with an httpx client, images, metrics."""
+"""Helpers for the service tests: a running app with an httpx client, requests, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import signal
 import socket
@@ -16,8 +15,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -117,25 +114,6 @@ async def serve(app_settings: Settings, wait_ready: bool = True, engine_address=
                     raise RuntimeError("the app never became ready")
             client.app = app
             yield client
-
-
-def noise_image(seed: int, size=(32, 32), mode: str = "RGB") -> Image.Image:
-    """A random but smooth-ish image: different seeds give clearly different scores."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    coarse = rng.integers(0, 256, (max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
-    return image.convert(mode) if mode != "RGB" else image
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
-def png(image: Image.Image) -> bytes:
-    return encode(image, "PNG")
 
 
 async def predict(client: httpx.AsyncClient, data: bytes, **params) -> httpx.Response:

@@ -43,7 +43,8 @@ from deploy_helpers import (
     without_grafana_macros,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import metrics_text, noise_image, png, predict_ok, serve, settings
+from service_helpers import metrics_text, predict_ok, serve, settings
+from uploads import noise_png
 
 from service.settings import DEFAULT_BUNDLE, REPO_ROOT, Settings
 
@@ -113,7 +114,7 @@ async def test_the_rules_count_every_route_that_scores_images(tiny_bundle):
     async with serve(settings(tiny_bundle, max_batch_delay_ms=0)) as client:
         name = (await client.get("/v1/model")).json()["name"]
         version = (await client.get(f"/v2/models/{name}")).json()["versions"][-1]
-        image = png(noise_image(1))
+        image = noise_png(1)
         body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                             "data": [base64.b64encode(image).decode()]}]}
         for path in (f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{version}/infer"):
@@ -454,7 +455,7 @@ async def test_every_metric_the_dashboard_and_rules_read_is_exported(tiny_bundle
     service's /metrics (after one prediction, so labelled series exist), a recording rule
     defined in docker/prometheus/rules, or one of Prometheus's own (up, ALERTS)."""
     async with serve(settings(tiny_bundle, max_batch_delay_ms=0)) as client:
-        await predict_ok(client, png(noise_image(1)))
+        await predict_ok(client, noise_png(1))
         text = await metrics_text(client)
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     exported = {s.name for s in samples}

@@ -10,8 +10,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from service_helpers import noise_image, png, predict, serve, settings
+from service_helpers import predict, serve, settings
 from test_service_engine import RunningEngine
+from uploads import noise_png
 
 from service.admission import Admission, Overloaded, Throughput
 from service.decoding import Decoder
@@ -168,7 +169,7 @@ async def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 async def batch(client, seeds: list[int]):
-    files = [("images", (f"{s}.png", png(noise_image(s)))) for s in seeds]
+    files = [("images", (f"{s}.png", noise_png(s))) for s in seeds]
     return await client.post("/predict/batch", files=files)
 
 
@@ -184,7 +185,7 @@ async def check_whole_batch_admission(client, gate: Gate, decoded: list[int],
     refused before any of its images is decoded; once the model moves on, everything admitted
     is answered and every place is free again."""
     gate.close()
-    held = [asyncio.create_task(predict(client, png(noise_image(i)))) for i in range(queue)]
+    held = [asyncio.create_task(predict(client, noise_png(i))) for i in range(queue)]
     await wait_until(lambda: len(decoded) == queue and gate.entered.is_set())
     try:
         assert_shed(await batch(client, [10, 11]))
@@ -229,9 +230,9 @@ async def shed_by_time(client, decoded: list[int]) -> tuple[int, int]:
     """Measure the throughput with enough requests for it to count, then send 12 at once:
     (answered 200, refused 503), checking that only the admitted ones were decoded."""
     for seed in range(Throughput.SETTLE):
-        assert (await predict(client, png(noise_image(seed)))).status_code == 200
+        assert (await predict(client, noise_png(seed))).status_code == 200
     before = len(decoded)
-    responses = await asyncio.gather(*(predict(client, png(noise_image(100 + i)))
+    responses = await asyncio.gather(*(predict(client, noise_png(100 + i))
                                        for i in range(12)))
     ok = [r for r in responses if r.status_code == 200]
     for response in responses:
@@ -282,18 +283,18 @@ async def test_without_load_nothing_is_refused_and_no_place_is_kept(tiny_bundle)
                             max_request_pixels=3 * 64 * 64)
     async with serve(app_settings) as client:
         for _ in range(3):
-            mixed = [("images", ("a.png", png(noise_image(1)))),
+            mixed = [("images", ("a.png", noise_png(1))),
                      ("images", ("b.png", b"not an image")),
-                     ("images", ("c.png", png(noise_image(2))))]
+                     ("images", ("c.png", noise_png(2)))]
             response = await client.post("/predict/batch", files=mixed)
             assert response.status_code == 200
             assert [bool(item["error"]) for item in response.json()["results"]] == [
                 False, True, False]
-            large = [("images", (f"{i}.png", png(noise_image(i, (64, 64))))) for i in range(4)]
+            large = [("images", (f"{i}.png", noise_png(i, (64, 64)))) for i in range(4)]
             response = await client.post("/predict/batch", files=large)
             assert response.status_code == 413, response.text
             assert (await predict(client, b"\x89PNG broken")).status_code in (415, 422)
-            assert (await predict(client, png(noise_image(3)))).status_code == 200
+            assert (await predict(client, noise_png(3))).status_code == 200
         response = await batch(client, [4, 5, 6, 7])  # the whole queue is free
         assert response.status_code == 200, response.text
 
@@ -309,7 +310,7 @@ async def test_the_wait_bound_holds_from_the_first_burst(tiny_bundle, monkeypatc
     async with serve(app_settings) as client:
         throughput = client.app.state.models.served().engine.scorer.batcher.throughput
         assert throughput.seeded and throughput.batches == 1  # the warm-up's timed batch
-        responses = await asyncio.gather(*(predict(client, png(noise_image(i)))
+        responses = await asyncio.gather(*(predict(client, noise_png(i))
                                            for i in range(30)))
     statuses = [r.status_code for r in responses]
     assert statuses.count(503) >= 10 and statuses.count(200) >= 4, statuses

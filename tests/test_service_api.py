@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from service_helpers import encode, noise_image, png, predict_ok, serve, settings
+from service_helpers import predict_ok, serve, settings
+from uploads import encode, noise_image, noise_png, png
 
 from service.inference import Predictor
 from training.bundle import load_bundle
@@ -104,7 +105,7 @@ async def test_predict_response(client, bundle):
 
 
 async def test_top_k_parameter(client):
-    data = png(noise_image(2))
+    data = noise_png(2)
     assert len((await predict_ok(client, data, top_k=3))["top_k"]) == 3
     assert len((await predict_ok(client, data, top_k=50))["top_k"]) == 10  # capped at classes
 

@@ -8,16 +8,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from service_helpers import (
-    metric,
-    metrics_text,
-    noise_image,
-    png,
-    predict,
-    predict_ok,
-    serve,
-    settings,
-)
+from service_helpers import metric, metrics_text, predict, predict_ok, serve, settings
+from uploads import noise_png
 
 from service.batcher import Batcher
 from service.decoding import Decoder
@@ -57,7 +49,7 @@ def batch_stats(text: str) -> tuple[float, float]:
 
 async def test_concurrent_requests_share_one_forward_pass_and_keep_their_scores(
         batched, unbatched):
-    images = [png(noise_image(100 + i, (32 + 4 * i, 32))) for i in range(MAX_BATCH)]
+    images = [noise_png(100 + i, (32 + 4 * i, 32)) for i in range(MAX_BATCH)]
     before = batch_stats(await metrics_text(batched))
     together = await asyncio.gather(*(predict_ok(batched, data) for data in images))
     after = batch_stats(await metrics_text(batched))
@@ -78,7 +70,7 @@ async def test_concurrent_requests_share_one_forward_pass_and_keep_their_scores(
 
 async def test_batch_endpoint_images_share_a_forward_pass(batched):
     before = batch_stats(await metrics_text(batched))
-    files = [("images", (f"{i}.png", png(noise_image(200 + i)))) for i in range(5)]
+    files = [("images", (f"{i}.png", noise_png(200 + i))) for i in range(5)]
     response = await batched.post("/predict/batch", files=files)
     assert response.status_code == 200
     after = batch_stats(await metrics_text(batched))
@@ -88,7 +80,7 @@ async def test_batch_endpoint_images_share_a_forward_pass(batched):
 async def test_a_lone_request_is_sent_at_once(batched):
     """Nothing else is on its way, so there is nothing to wait for."""
     before = await metrics_text(batched)
-    body = await predict_ok(batched, png(noise_image(300)))
+    body = await predict_ok(batched, noise_png(300))
     after = await metrics_text(batched)
     waited = (metric(after, "oodserve_queue_wait_seconds_sum")
               - metric(before, "oodserve_queue_wait_seconds_sum"))
@@ -99,7 +91,7 @@ async def test_a_lone_request_is_sent_at_once(batched):
 @pytest.fixture
 def slow_decoding(monkeypatch) -> tuple[bytes, threading.Event]:
     """Decoding these bytes waits for the event."""
-    slow, release = png(noise_image(301)), threading.Event()
+    slow, release = noise_png(301), threading.Event()
     decode = Decoder.__call__
 
     def held(self, data, *rest):
@@ -115,7 +107,7 @@ async def test_a_queued_image_waits_for_one_being_decoded(batched, slow_decoding
     slow, release = slow_decoding
     before = batch_stats(await metrics_text(batched))
     first = asyncio.create_task(predict_ok(batched, slow))
-    second = asyncio.create_task(predict_ok(batched, png(noise_image(302))))
+    second = asyncio.create_task(predict_ok(batched, noise_png(302)))
     await asyncio.sleep(DELAY_MS / 1000 / 3)  # second is queued, first still decoding
     release.set()
     await asyncio.gather(first, second)
@@ -127,7 +119,7 @@ async def test_but_never_longer_than_the_delay(batched, slow_decoding):
     slow, release = slow_decoding
     before = batch_stats(await metrics_text(batched))
     first = asyncio.create_task(predict_ok(batched, slow))
-    second = await predict_ok(batched, png(noise_image(303)))  # returns while first is held
+    second = await predict_ok(batched, noise_png(303))  # returns while first is held
     assert DELAY_MS <= second["server_time_ms"] < DELAY_MS + 1000
     release.set()
     await first
@@ -167,9 +159,9 @@ async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
                             max_queue_size=1, max_batch_images=1)
     async with serve(app_settings) as client:
         gate.close()
-        first = asyncio.create_task(predict(client, png(noise_image(1))))
+        first = asyncio.create_task(predict(client, noise_png(1)))
         await wait_until(gate.entered.is_set)  # first is in the forward pass
-        second = asyncio.create_task(predict(client, png(noise_image(2))))
+        second = asyncio.create_task(predict(client, noise_png(2)))
         batcher = client.app.state.models.served().engine.scorer.batcher
         await wait_until(lambda: len(batcher._pending) == 1)  # queued
 
@@ -177,7 +169,7 @@ async def test_full_queue_is_503_and_the_loop_stays_free(tiny_bundle, gate):
         assert (await client.get("/healthz")).status_code == 200
         assert time.perf_counter() - started < 1.0  # inference is off the event loop
 
-        third = await predict(client, png(noise_image(3)))
+        third = await predict(client, noise_png(3))
         assert third.status_code == 503
         assert third.json()["error"]["code"] == "overloaded"
         assert third.headers["retry-after"] == "1"
@@ -203,11 +195,11 @@ async def test_a_failed_forward_pass_fails_its_requests_not_the_service(tiny_bun
 
         forward = Predictor.__call__
         monkeypatch.setattr(Predictor, "__call__", broken)
-        response = await predict(client, png(noise_image(4)))
+        response = await predict(client, noise_png(4))
         assert response.status_code == 500
         assert response.json()["error"]["code"] == "internal_error"
         monkeypatch.setattr(Predictor, "__call__", forward)
-        assert (await predict(client, png(noise_image(4)))).status_code == 200
+        assert (await predict(client, noise_png(4))).status_code == 200
 
 
 def instant_batcher() -> Batcher:

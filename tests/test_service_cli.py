@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import children, free_port, noise_image, png, service_env
+from service_helpers import children, free_port, service_env
+from uploads import noise_png
 
 from service.__main__ import _settings
 from service.settings import Settings
@@ -163,7 +164,7 @@ def test_flags_reach_every_process_and_ctrl_c_stops_cleanly(tiny_bundle, tmp_pat
                 model = client.get("/v1/model").json()
                 assert (model["max_batch_size"], model["max_batch_delay_ms"]) == (3, 7.5)
                 answer = client.post("/predict", files={"image": ("x.png",
-                                                                  png(noise_image(i)))})
+                                                                  noise_png(i))})
                 assert answer.status_code == 200, answer.text
                 assert len(answer.json()["top_k"]) == 2
         if layout == "engine":

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import DEFAULT_UPLOAD_LIMIT, build
-from service_helpers import noise_image, png, predict_ok, serve, settings
+from service_helpers import predict_ok, serve, settings
+from uploads import noise_png
 
 from service.schemas import ErrorResponse, PredictResponse
 from service.settings import Settings
@@ -21,7 +22,7 @@ SERVICE_DOCS = Path(__file__).resolve().parents[1] / "docs" / "service.md"
 @pytest.fixture(scope="module")
 async def client(tiny_bundle):
     async with serve(settings(tiny_bundle)) as client:  # the default limits
-        client.reference = await predict_ok(client, png(noise_image(42)))
+        client.reference = await predict_ok(client, noise_png(42))
         yield client
 
 
@@ -53,7 +54,7 @@ async def test_still_healthy_and_unchanged_after_the_corpus(client):
                                   headers=case.headers)).status_code == case.status
     assert (await client.get("/healthz")).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
-    again = await predict_ok(client, png(noise_image(42)))
+    again = await predict_ok(client, noise_png(42))
     for key in ("class_index", "probability", "energy", "featurenorm"):
         assert again[key] == client.reference[key]
 

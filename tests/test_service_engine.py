@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import generate_latest
-from service_helpers import metric, metrics_text, noise_image, png, predict, predict_ok, serve
+from service_helpers import metric, metrics_text, predict, predict_ok, serve
 from service_helpers import settings as app_settings
+from uploads import noise_image, noise_png, png
 
 from service.engine_server import EngineServer
 from training.bundle import load_bundle
@@ -105,15 +106,15 @@ async def test_a_worker_with_no_free_slot_sheds_with_503(tiny_bundle, engine, mo
     monkeypatch.setattr(engine.server.predictor, "run", held)
     async with serve_worker(tiny_bundle, engine, max_queue_size=2, max_batch_images=2) as client:
         try:
-            first = [asyncio.create_task(predict(client, png(noise_image(i))))
+            first = [asyncio.create_task(predict(client, noise_png(i)))
                      for i in range(2)]
             await asyncio.to_thread(entered.wait, 20)
-            shed = await predict(client, png(noise_image(9)))
+            shed = await predict(client, noise_png(9))
             assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
         finally:
             gate.set()
         assert [(await r).status_code for r in first] == [200, 200]
-        assert (await predict(client, png(noise_image(10)))).status_code == 200
+        assert (await predict(client, noise_png(10))).status_code == 200
 
 
 async def test_a_failed_engine_pass_is_a_500_with_the_logged_error_id(tiny_bundle, engine,
@@ -124,12 +125,12 @@ async def test_a_failed_engine_pass_is_a_500_with_the_logged_error_id(tiny_bundl
     async with serve_worker(tiny_bundle, engine) as client:
         monkeypatch.setattr(engine.server.predictor, "run", broken)
         with caplog.at_level(logging.ERROR, logger="oodserve"):
-            response = await predict(client, png(noise_image(1)))
+            response = await predict(client, noise_png(1))
         assert response.status_code == 500
         error_id = response.json()["error"]["id"]
         assert f"(error id {error_id})" in caplog.text
         monkeypatch.undo()
-        assert (await predict(client, png(noise_image(2)))).status_code == 200
+        assert (await predict(client, noise_png(2))).status_code == 200
 
 
 async def test_a_worker_that_stops_reading_is_cut_off_not_waited_for(tiny_bundle, tmp_path,
@@ -154,7 +155,7 @@ async def test_a_worker_that_stops_reading_is_cut_off_not_waited_for(tiny_bundle
         with caplog.at_level(logging.ERROR, logger="oodserve"):
             stalled.sendall(proto.encode(list(range(600))))
             async with serve_worker(tiny_bundle, engine) as client:
-                response = await asyncio.wait_for(predict(client, png(noise_image(3))), 30)
+                response = await asyncio.wait_for(predict(client, noise_png(3)), 30)
         assert response.status_code == 200
         assert "cutting off worker" in caplog.text
         stalled.close()

@@ -6,7 +6,8 @@ import zlib
 
 import pytest
 from PIL import Image
-from service_helpers import encode, metric, metrics_text, noise_image, png, predict, serve, settings
+from service_helpers import metric, metrics_text, predict, serve, settings
+from uploads import encode, noise_image, noise_png, png
 
 pytestmark = pytest.mark.anyio
 
@@ -121,7 +122,7 @@ async def test_sliver_that_resizing_would_blow_up_is_413(client):
 
 async def test_missing_field_is_422(client):
     assert_error(await client.post("/predict"), 422, "invalid_request", "image")
-    wrong_name = await client.post("/predict", files={"file": ("a.png", png(noise_image(0)))})
+    wrong_name = await client.post("/predict", files={"file": ("a.png", noise_png(0))})
     assert_error(wrong_name, 422, "invalid_request", "image", "Field required")
 
 
@@ -140,22 +141,22 @@ async def test_missing_field_is_422(client):
     ({"energy_treshold": "1"}, "energy_treshold"),  # a typo is reported, not ignored
 ])
 async def test_bad_parameters_are_422(client, params, field):
-    response = await predict(client, png(noise_image(0)), **params)
+    response = await predict(client, noise_png(0), **params)
     assert_error(response, 422, "invalid_request", field)
 
 
 async def test_too_many_images_in_a_batch_is_413(client):
-    files = [("images", (f"{i}.png", png(noise_image(i)))) for i in range(MAX_IMAGES + 1)]
+    files = [("images", (f"{i}.png", noise_png(i))) for i in range(MAX_IMAGES + 1)]
     response = await client.post("/predict/batch", files=files)
     assert_error(response, 413, "too_many_images", str(MAX_IMAGES))
 
 
 async def test_a_bad_image_in_a_batch_is_an_error_entry(client):
     before = await metrics_text(client)
-    files = [("images", ("good0.png", png(noise_image(0)))),
+    files = [("images", ("good0.png", noise_png(0))),
              ("images", ("text.txt", b"not an image")),
              ("images", ("cut.jpg", encode(noise_image(1, (64, 64)), "JPEG")[:300])),
-             ("images", ("good1.png", png(noise_image(1))))]
+             ("images", ("good1.png", noise_png(1)))]
     response = await client.post("/predict/batch", files=files)
     assert response.status_code == 200
     results = response.json()["results"]
@@ -181,4 +182,4 @@ async def test_malformed_multipart_is_a_json_error(client):
 
 async def test_still_serving_after_bad_input(client):
     assert (await client.get("/healthz")).status_code == 200
-    assert (await predict(client, png(noise_image(5)))).status_code == 200
+    assert (await predict(client, noise_png(5))).status_code == 200

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from service_helpers import free_port, noise_image, png, predict, predict_ok, serve, settings
+from service_helpers import free_port, predict, predict_ok, serve, settings
+from uploads import noise_png
 
 import service.inference
 from service.app import create_app
@@ -73,7 +74,7 @@ async def test_a_failed_forward_pass_fails_only_its_batch_with_a_logged_error_id
     async with serve(app_settings) as client:
         pending = client.app.state.models.served().engine.scorer.batcher._pending
         failing.arm()
-        send = lambda seed: asyncio.create_task(predict(client, png(noise_image(seed))))
+        send = lambda seed: asyncio.create_task(predict(client, noise_png(seed)))
         first = send(1)  # forward pass 1, held at the gate
         await wait_until(failing.entered.is_set)
         failed = [send(2), send(3)]  # queued together: forward pass 2, which raises
@@ -95,7 +96,7 @@ async def test_a_failed_forward_pass_fails_only_its_batch_with_a_logged_error_id
         assert "forward pass of 2 images failed" in logged[0].getMessage()
         assert "simulated device failure" in caplog.text  # with the traceback
         # The service goes on: the next request, and readiness, are fine.
-        assert (await predict(client, png(noise_image(6)))).status_code == 200
+        assert (await predict(client, noise_png(6))).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
 
 
@@ -106,7 +107,7 @@ async def test_a_failed_forward_pass_fails_a_batch_request_whole(tiny_bundle, mo
             raise RuntimeError("simulated device failure")
 
         monkeypatch.setattr(Predictor, "__call__", broken)
-        files = [("images", (f"{i}.png", png(noise_image(i)))) for i in range(2)]
+        files = [("images", (f"{i}.png", noise_png(i))) for i in range(2)]
         with caplog.at_level(logging.ERROR, logger="oodserve"):
             response = await client.post("/predict/batch", files=files)
         assert response.status_code == 500
@@ -121,7 +122,7 @@ async def test_an_unexpected_error_gets_an_id_in_the_log(tiny_bundle, monkeypatc
 
         monkeypatch.setattr(client.app.state.models.served().engine, "_prediction", broken)
         with caplog.at_level(logging.ERROR, logger="oodserve"):
-            response = await predict(client, png(noise_image(1)))
+            response = await predict(client, noise_png(1))
         assert response.status_code == 500
         error = response.json()["error"]
         assert error["code"] == "internal_error" and error["id"] in error["message"]
@@ -241,7 +242,7 @@ def requests_then_sigterm(proc: subprocess.Popen, port: int, n: int) -> tuple[li
     been answered when the signal was sent."""
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
     for i, sock in enumerate(sockets):
-        sock.sendall(raw_request(port, png(noise_image(i))))
+        sock.sendall(raw_request(port, noise_png(i)))
     select.select(sockets, [], [], 60)  # the first answer is coming in
     proc.send_signal(signal.SIGTERM)
     answered_before = len(select.select(sockets, [], [], 0)[0])
@@ -318,7 +319,7 @@ async def test_a_bundle_corrupted_while_serving_fails_readyz_not_predictions(
     weights = bundle_copy / "model.safetensors"
     original = weights.read_bytes()
     async with serve(settings(bundle_copy)) as client:
-        before = await predict_ok(client, png(noise_image(1)))
+        before = await predict_ok(client, noise_png(1))
         assert await readiness(client) == (200, None)
 
         corrupt = bytearray(original)
@@ -329,7 +330,7 @@ async def test_a_bundle_corrupted_while_serving_fails_readyz_not_predictions(
             assert status == 503 and "sha256" in reason and "does not match" in reason
             assert (await readiness(client))[0] == 503  # stays so
             # Still the model checked at start: the same answer as before.
-            after = await predict_ok(client, png(noise_image(1)))
+            after = await predict_ok(client, noise_png(1))
             assert after["energy"] == before["energy"]
             logged = [r for r in caplog.records if r.levelno == logging.ERROR]
             assert len(logged) == 1 and reason in logged[0].getMessage()  # logged once

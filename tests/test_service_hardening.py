@@ -16,7 +16,8 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from service_helpers import encode, noise_image, png, running_service, serve, settings
+from service_helpers import running_service, serve, settings
+from uploads import encode, noise_image, noise_png, png
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +32,7 @@ def assert_error(response, status: int, code: str, *words: str) -> None:
 
 # -- parameters: the query and the form are one set -------------------------------------
 
-IMAGE = png(noise_image(0))
+IMAGE = noise_png(0)
 
 
 async def form_predict(client, data: dict, params=None, files=None):
@@ -85,7 +86,7 @@ async def test_a_parameter_given_twice_must_agree(client):
 
 
 async def test_a_second_image_on_predict_is_422(client):
-    files = [("image", ("a.png", IMAGE)), ("image", ("b.png", png(noise_image(1))))]
+    files = [("image", ("a.png", IMAGE)), ("image", ("b.png", noise_png(1)))]
     assert_error(await client.post("/predict", files=files), 422, "invalid_request",
                  "image", "/predict/batch")
 
@@ -140,7 +141,7 @@ async def test_one_request_cannot_monopolise_the_decode_pool(tiny_bundle, monkey
         done = {}
 
         async def batch():
-            files = [("images", (f"{i}.png", png(noise_image(i)))) for i in range(24)]
+            files = [("images", (f"{i}.png", noise_png(i))) for i in range(24)]
             response = await client.post("/predict/batch", files=files)
             done["batch"] = time.perf_counter()
             assert response.status_code == 200

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-from service_helpers import children, free_port, metric, noise_image, png, service_env
+from service_helpers import children, free_port, metric, service_env
 from test_service_faults import requests_then_sigterm
 from test_service_start import wait_for
+from uploads import noise_png
 
 import service.workers
 
@@ -42,7 +43,7 @@ def start(tmp_path, **env) -> tuple[subprocess.Popen, str]:
 
 def post(base: str, seed: int) -> httpx.Response:
     with httpx.Client(base_url=base, timeout=30) as client:  # a new connection each time
-        return client.post("/predict", files={"image": ("x.png", png(noise_image(seed)))})
+        return client.post("/predict", files={"image": ("x.png", noise_png(seed))})
 
 
 def all_ready(base: str) -> bool:

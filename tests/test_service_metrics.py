@@ -3,7 +3,8 @@ with the requests."""
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import metric, metrics_text, noise_image, png, predict_ok, serve, settings
+from service_helpers import metric, metrics_text, predict_ok, serve, settings
+from uploads import noise_png
 
 from training.bundle import load_bundle
 
@@ -49,7 +50,7 @@ async def test_exposition_format_and_names(client, tiny_bundle):
 
 async def test_metrics_move_with_predictions(client):
     before = await metrics_text(client)
-    bodies = [await predict_ok(client, png(noise_image(600 + i))) for i in range(3)]
+    bodies = [await predict_ok(client, noise_png(600 + i)) for i in range(3)]
     after = await metrics_text(client)
 
     def delta(name, **labels):

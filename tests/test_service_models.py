@@ -19,8 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import (
     metric,
     metrics_text,
-    noise_image,
-    png,
     predict,
     predict_ok,
     running_service,
@@ -28,6 +26,7 @@ from service_helpers import (
     settings,
 )
 from test_signing import write_keys
+from uploads import noise_png
 
 import service.engine
 from service.model_registry import check_models, choose_default, scan, version_key
@@ -171,7 +170,7 @@ async def two_models(repository, tiny_bundle):
 
 
 async def test_models_are_addressed_by_name(two_models, repository):
-    image = png(noise_image(1))
+    image = noise_png(1)
     headers = AUTH
     default = (await two_models.post("/predict", files={"image": ("x", image)},
                                      headers=headers)).json()
@@ -200,13 +199,13 @@ async def test_models_are_addressed_by_name(two_models, repository):
 
 async def test_an_unknown_model_is_a_404(two_models):
     response = await two_models.post("/predict", params={"model": "gamma"}, headers=AUTH,
-                                     files={"image": ("x", png(noise_image(1)))})
+                                     files={"image": ("x", noise_png(1))})
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["code"] == "model_not_found" and "'alpha'" in error["message"]
     assert (await two_models.get("/v1/model", params={"model": "gamma"})).status_code == 404
     empty = await two_models.post("/predict", params={"model": ""}, headers=AUTH,
-                                  files={"image": ("x", png(noise_image(1)))})
+                                  files={"image": ("x", noise_png(1))})
     assert empty.status_code == 422
 
 
@@ -215,7 +214,7 @@ async def test_metrics_are_labelled_per_model_in_one_valid_exposition(two_models
     for model, count in (("alpha", 2), ("beta", 3)):
         for i in range(count):
             response = await two_models.post("/predict", params={"model": model},
-                                             files={"image": ("x", png(noise_image(i)))},
+                                             files={"image": ("x", noise_png(i))},
                                              headers=AUTH)
             assert response.status_code == 200
     text = await metrics_text(two_models)
@@ -268,7 +267,7 @@ async def test_reload_swaps_in_a_new_version_after_the_requests_in_flight(
         two_models, repository, other_bundle):
     registry = two_models.app.state.models
     model = weakref.ref(registry.served("alpha").engine.bundle.model)
-    image = png(noise_image(5))
+    image = noise_png(5)
     before = (await two_models.post("/predict", files={"image": ("x", image)},
                                     headers=AUTH)).json()
     wrong = {"Authorization": "Bearer not-the-key-0123456789"}
@@ -321,7 +320,7 @@ async def test_a_bad_new_version_is_refused_and_the_old_keeps_serving(
     [alpha] = [m for m in report["models"] if m["name"] == "alpha"]
     assert alpha["result"] == "refused" and alpha["version"] == "1.0.0"
     assert "does not match" in alpha["message"]
-    body = await predict_ok(two_models, png(noise_image(1)))
+    body = await predict_ok(two_models, noise_png(1))
     assert body["model"] == {"name": "alpha", "version": "1.0.0"}
     assert (await two_models.get("/readyz")).status_code == 200
     text = await metrics_text(two_models)
@@ -337,9 +336,9 @@ async def test_new_names_appear_removed_ones_go_but_not_the_default(
     results = {m["name"]: m["result"] for m in report["models"]}
     assert results == {"gamma": "loaded", "beta": "removed", "alpha": "refused"}
     assert report["ok"] is False
-    assert (await predict(two_models, png(noise_image(1)), model="beta")).status_code == 404
+    assert (await predict(two_models, noise_png(1), model="beta")).status_code == 404
     for name in ("alpha", "gamma"):
-        body = await predict_ok(two_models, png(noise_image(1)), model=name)
+        body = await predict_ok(two_models, noise_png(1), model=name)
         assert body["model"]["name"] == name
 
 
@@ -377,7 +376,7 @@ async def test_a_second_model_without_a_default_is_refused_at_reload(tmp_path, t
         [beta] = [e for e in await registry.reload() if e.name == "beta"]
         assert beta.result == "refused" and "OODSERVE_DEFAULT_MODEL" in beta.message
         assert registry.names() == ["alpha"]
-        assert (await predict(client, png(noise_image(1)), model="beta")).status_code == 404
+        assert (await predict(client, noise_png(1), model="beta")).status_code == 404
     async with serve(settings(tiny_bundle, model_repository=repo,
                               default_model="alpha")) as client:
         assert client.app.state.models.names() == ["alpha", "beta"]
@@ -390,7 +389,7 @@ async def test_an_unreadable_manifest_in_a_served_directory_keeps_its_model(two_
     [beta] = [e for e in report if e.name == "beta"]
     assert beta.result == "refused" and beta.version == "2.0.0"
     assert "not a valid manifest" in beta.message
-    body = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    body = await predict_ok(two_models, noise_png(1), model="beta")
     assert body["model"] == {"name": "beta", "version": "2.0.0"}
 
 
@@ -445,7 +444,7 @@ async def test_a_bundle_replaced_in_place_at_its_version_stays_described(
     turn off the series the new one serves under."""
     registry = two_models.app.state.models
     old_model = weakref.ref(registry.served("beta").engine.bundle.model)
-    before = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    before = await predict_ok(two_models, noise_png(1), model="beta")
     fields = json.loads((repository / "beta" / "manifest.json").read_text())
     shutil.rmtree(repository / "beta")
     copy_bundle(other_bundle, repository / "beta", name="beta", version="2.0.0")
@@ -456,7 +455,7 @@ async def test_a_bundle_replaced_in_place_at_its_version_stays_described(
     [beta] = [e for e in await registry.reload() if e.name == "beta"]
     assert (beta.result, beta.version) == ("loaded", "2.0.0")
     await wait_for(lambda: old_model() is None, "the old engine was not stopped")
-    after = await predict_ok(two_models, png(noise_image(1)), model="beta")
+    after = await predict_ok(two_models, noise_png(1), model="beta")
     assert after["label"] != before["label"]
     text = await metrics_text(two_models)
     assert model_info(text, "beta", "2.0.0") == [1]
@@ -557,7 +556,7 @@ async def test_a_lease_ends_after_the_app_let_go_of_the_registry(two_models):
     served = registry.served("alpha")
     entered, release = asyncio.Event(), asyncio.Event()
     hold(served.engine.scorer, entered, release)
-    request = asyncio.create_task(predict(two_models, png(noise_image(1))))
+    request = asyncio.create_task(predict(two_models, noise_png(1)))
     await entered.wait()
     assert served.leases == 1
     two_models.app.state.models = None
@@ -592,7 +591,7 @@ CLIENTS = 32
 async def _load(base: str, stop: asyncio.Event, seen: list[list[str]],
                 failures: list[str]) -> None:
     """CLIENTS clients, each on its own connection, sending /predict until ``stop``."""
-    image = png(noise_image(7))
+    image = noise_png(7)
 
     async def client(index: int) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=60, headers=AUTH,

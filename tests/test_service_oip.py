@@ -16,17 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from conftest import CIFAR10, ISUN
-from service_helpers import (
-    encode,
-    metric,
-    metrics_text,
-    noise_image,
-    png,
-    running_service,
-    serve,
-    settings,
-)
+from service_helpers import metric, metrics_text, running_service, serve, settings
 from tritonclient.utils import InferenceServerException
+from uploads import encode, noise_image, noise_png
 
 import service
 from service.inference import Predictor
@@ -56,7 +48,7 @@ def real_images() -> list[bytes]:
                         found += 1
                     if found == count:
                         break
-    images.append(png(noise_image(7, (40, 48))))
+    images.append(noise_png(7, (40, 48)))
     images.append(encode(noise_image(8, (64, 40)), "WEBP", quality=80))
     return images
 
@@ -223,7 +215,7 @@ def test_infer_needs_the_key_and_metadata_does_not(server, manifest):
     with triton.InferenceServerClient(server[0]) as client:
         assert client.get_model_metadata(manifest.name)["name"] == manifest.name
         with pytest.raises(InferenceServerException) as refused:
-            client.infer(manifest.name, [images_input([png(noise_image(1))])])
+            client.infer(manifest.name, [images_input([noise_png(1)])])
     assert refused.value.status() == "401" and "API key" in refused.value.message()
 
 
@@ -378,7 +370,7 @@ async def test_overload_is_503_with_retry_after(tiny_bundle, manifest, monkeypat
                               max_queue_size=2, max_batch_images=2)) as client:
         release.clear()
         entered.clear()
-        images = [png(noise_image(i)) for i in range(2)]
+        images = [noise_png(i) for i in range(2)]
         # One image in the forward pass, one waiting: the queue of 2 has one place left.
         first = asyncio.create_task(client.post(infer_url(manifest),
                                                 json=json_request(images)))

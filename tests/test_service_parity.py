@@ -9,7 +9,8 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from service_helpers import encode, noise_image, serve, settings
+from service_helpers import serve, settings
+from uploads import encode, noise_image
 
 from training.bundle import load_bundle
 from training.data.folders import UnlabeledImageFolder

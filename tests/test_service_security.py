@@ -22,16 +22,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from service_helpers import (
-    encode,
-    free_port,
-    noise_image,
-    png,
-    predict,
-    serve,
-    settings,
-    wait_ready,
-)
+from service_helpers import free_port, predict, serve, settings, wait_ready
+from uploads import encode, noise_image, noise_png
 
 import service.security
 from service.app import create_app
@@ -63,7 +55,7 @@ async def keyed(tiny_bundle):
 ])
 async def test_predict_routes_need_the_key(keyed, authorization):
     headers = {} if authorization is None else {"authorization": authorization}
-    image = png(noise_image(1))
+    image = noise_png(1)
     assert_unauthorized(await keyed.post("/predict", files={"image": ("a.png", image)},
                                          headers=headers))
     assert_unauthorized(await keyed.post("/predict/batch", files=[("images", ("a.png", image))],
@@ -72,7 +64,7 @@ async def test_predict_routes_need_the_key(keyed, authorization):
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
 async def test_the_right_key_is_let_in(keyed, scheme):
-    response = await keyed.post("/predict", files={"image": ("a.png", png(noise_image(2)))},
+    response = await keyed.post("/predict", files={"image": ("a.png", noise_png(2))},
                                 headers={"authorization": f"{scheme} {KEY}"})
     assert response.status_code == 200, response.text
 
@@ -113,14 +105,14 @@ async def test_the_key_is_compared_in_constant_time(keyed, monkeypatch):
         return compare(a, b)
 
     monkeypatch.setattr(service.security.hmac, "compare_digest", spy)
-    await keyed.post("/predict", files={"image": ("a.png", png(noise_image(1)))},
+    await keyed.post("/predict", files={"image": ("a.png", noise_png(1))},
                      headers={"authorization": "Bearer short"})
     # Digests of both sides: equal lengths, so not even the key's length shows in the time.
     assert calls == [(32, 32)]
 
 
 async def test_refusals_are_counted_under_their_route(keyed):
-    await keyed.post("/predict", files={"image": ("a.png", png(noise_image(1)))})
+    await keyed.post("/predict", files={"image": ("a.png", noise_png(1))})
     text = (await keyed.get("/metrics")).text
     assert 'oodserve_requests_total{endpoint="/predict",status="401"}' in text
 
@@ -173,8 +165,8 @@ async def test_no_pickle_is_loaded_while_loading_and_serving(tiny_bundle, monkey
                          (torch, "load")]:
         monkeypatch.setattr(module, name, _refuse)
     async with serve(settings(tiny_bundle)) as client:  # loads the bundle, warms up
-        assert (await predict(client, png(noise_image(3)))).status_code == 200
-        files = [("images", (f"{i}.png", png(noise_image(i)))) for i in range(3)]
+        assert (await predict(client, noise_png(3))).status_code == 200
+        files = [("images", (f"{i}.png", noise_png(i))) for i in range(3)]
         assert (await client.post("/predict/batch", files=files)).status_code == 200
         for path in ("/v1/model", "/metrics", "/readyz"):
             assert (await client.get(path)).status_code == 200
@@ -246,7 +238,7 @@ def png_with_text(text: str) -> bytes:
 
 async def send_marked_requests(client: httpx.AsyncClient) -> list[int]:
     """Requests that carry MARK in every place a client controls."""
-    image = png(noise_image(5))
+    image = noise_png(5)
     headers = {"user-agent": f"agent-{MARK}", "authorization": f"Bearer {MARK}-0123456789",
                "x-request-id": MARK, "cookie": f"session={MARK}"}
     requests = [

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import uvicorn
-from service_helpers import free_port, metric, noise_image, png, settings
+from service_helpers import free_port, metric, settings
 from test_service_admission import Gate
+from uploads import noise_png
 
 from service.app import create_app
 from service.http_protocol import HttpProtocol
@@ -76,7 +77,7 @@ def server(tiny_bundle, gate):
 def body(field: str = "image", padding: int = 0) -> bytes:
     """A multipart body of one PNG (``padding`` zero bytes after it)."""
     return (f'--b\r\nContent-Disposition: form-data; name="{field}"; filename="a.png"\r\n'
-            'Content-Type: image/png\r\n\r\n').encode() + png(noise_image(1)) + (
+            'Content-Type: image/png\r\n\r\n').encode() + noise_png(1) + (
         b"\0" * padding + b"\r\n--b--\r\n")
 
 

@@ -14,16 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_helpers import (
-    children,
-    free_port,
-    metric,
-    noise_image,
-    png,
-    running_service,
-    service_env,
-)
+from service_helpers import children, free_port, metric, running_service, service_env
 from test_signing import write_keys
+from uploads import noise_png
 
 from service import settings as settings_module
 from service.reload import defer_sighup, reload_on_sighup
@@ -176,7 +169,7 @@ def test_python_m_service_serves_and_counts_across_workers(tiny_bundle, tmp_path
         for i in range(requests):  # a new connection each time, so both workers answer
             with httpx.Client(base_url=base) as client:
                 response = client.post("/predict", files={"image": ("x.png",
-                                                                    png(noise_image(i)))})
+                                                                    noise_png(i))})
                 assert response.status_code == 200, response.text
         for _ in range(4):  # whichever worker answers, the totals are the same
             text = httpx.get(f"{base}/metrics").text

@@ -2,7 +2,8 @@
 response says which thresholds were used and where they came from."""
 
 import pytest
-from service_helpers import metric, metrics_text, noise_image, png, predict_ok
+from service_helpers import metric, metrics_text, predict_ok
+from uploads import noise_png
 
 from training.bundle import load_bundle
 from training.calibration import threshold_for_tpr
@@ -17,7 +18,7 @@ def manifest(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def image() -> bytes:
-    return png(noise_image(21))
+    return noise_png(21)
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ async def test_decision_rules(client, image, scores, energy_ood, featurenorm_ood
 
 
 async def test_batch_applies_the_parameters_to_every_image(client):
-    files = [("images", (f"{i}.png", png(noise_image(30 + i)))) for i in range(3)]
+    files = [("images", (f"{i}.png", noise_png(30 + i))) for i in range(3)]
     response = await client.post("/predict/batch", files=files,
                                  params={"energy_threshold": 1e5, "decision": "energy"})
     for item in response.json()["results"]:

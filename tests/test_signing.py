@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
-from service_helpers import noise_image, png, predict_ok, serve, settings
+from service_helpers import predict_ok, serve, settings
+from uploads import noise_png
 
 from training.bundle import BundleError, load_bundle
 from training.cli import main as training_main
@@ -181,7 +182,7 @@ async def readiness(client) -> tuple[int, str | None]:
 async def test_the_service_serves_a_signed_bundle_and_watches_its_signature(signed, keys,
                                                                            tmp_path):
     async with serve(settings(signed, bundle_public_key=keys[1])) as client:
-        await predict_ok(client, png(noise_image(1)))
+        await predict_ok(client, noise_png(1))
         assert await readiness(client) == (200, None)
         signature = signed / SIGNATURE_FILE
         good = signature.read_bytes()
@@ -198,12 +199,12 @@ async def test_the_service_serves_a_signed_bundle_and_watches_its_signature(sign
 
         signature.write_bytes(good)
         assert await readiness(client) == (200, None)
-        await predict_ok(client, png(noise_image(1)))
+        await predict_ok(client, noise_png(1))
 
 
 @pytest.mark.anyio
 async def test_without_a_key_an_unsigned_bundle_is_served(tiny_bundle):
     assert not (tiny_bundle / SIGNATURE_FILE).exists()
     async with serve(settings(tiny_bundle)) as client:
-        await predict_ok(client, png(noise_image(2)))
+        await predict_ok(client, noise_png(2))
         assert await readiness(client) == (200, None)
