@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service.middleware import BodyTooLarge
+from service.middleware import NOSNIFF, BodyTooLarge
 from service.schemas import ErrorResponse
 
 log = logging.getLogger("oodserve")
@@ -75,11 +75,22 @@ def error_for(oip: bool, status: int, code: str, message: str,
               headers: dict[str, str] | None = None,
               error_id: str | None = None) -> JSONResponse:
     """The error in the shape of the API it is for, the Open Inference Protocol's or ours
-    (the id of a 500 is in its message either way); also what :mod:`service.shedding`
-    writes from a request's head."""
+    (the id of a 500 is in its message either way)."""
     if oip:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return error_response(status, code, message, headers, error_id)
+
+
+def error_bytes(oip: bool, status: int, code: str, message: str,
+                headers: dict[str, str] | None = None) -> bytes:
+    """:func:`error_for`'s response as the HTTP protocol writes it when it answers without the
+    app (:mod:`service.http_protocol`, :mod:`service.shedding`): its headers, nosniff
+    included as the app's middleware adds it, and its body; the status line and the
+    server's own headers go before them."""
+    response = error_for(oip, status, code, message, headers)
+    return (b"".join(name + b": " + value + b"\r\n"
+                     for name, value in [*response.raw_headers, NOSNIFF])
+            + b"\r\n" + response.body)
 
 
 # For the OpenAPI schema of the predict routes.

@@ -35,7 +35,6 @@ accepts a connection). The body's own timeout is the app's (:mod:`service.middle
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -43,6 +42,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from service.errors import error_bytes
 from service.shedding import STATE_KEY, Answer
 
 log = logging.getLogger("uvicorn.error")
@@ -107,12 +107,8 @@ class HttpProtocol(HttpToolsProtocol):
         """Answer ``status`` with the JSON error body, and close the connection."""
         if self.transport.is_closing():
             return
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
         content = self._response_head(status)
-        content.extend([b"content-type: application/json\r\n",
-                        b"x-content-type-options: nosniff\r\n",
-                        b"content-length: " + str(len(body)).encode() + b"\r\n",
-                        b"connection: close\r\n\r\n", body])
+        content.append(error_bytes(False, status, code, message, {"connection": "close"}))
         self.transport.write(b"".join(content))
         self.transport.close()
 

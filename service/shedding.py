@@ -51,9 +51,8 @@ from prometheus_client import Counter, Histogram
 from starlette.types import Scope
 
 from service.admission import Refusal, Reservation
-from service.errors import error_for
+from service.errors import error_bytes
 from service.metrics import ServiceMetrics
-from service.middleware import NOSNIFF
 from service.security import authorized
 from service.settings import Settings
 
@@ -155,11 +154,9 @@ class Shedder:
             return answer
         error = refused.error()
         # The response the app's error handlers would make, written by the protocol.
-        response = error_for(route.startswith("/v2/"), error.status, error.code,
-                             error.message, error.headers)
-        answer = Answer(error.status, b"".join(k + b": " + v + b"\r\n" for k, v in
-                                               [*response.raw_headers, NOSNIFF])
-                        + b"\r\n" + response.body,
+        answer = Answer(error.status,
+                        error_bytes(route.startswith("/v2/"), error.status, error.code,
+                                    error.message, error.headers),
                         self.metrics.requests.labels(route, str(error.status)),
                         self.metrics.request_duration.labels(route))
         if len(self._answers) >= self.CACHED:
